@@ -1,0 +1,416 @@
+"""The training job: `python -m train.run --spec PATH`, or under `torchrun --nproc_per_node=N`.
+
+Sections: spec -> process group -> data -> model (FSDP2) -> resume -> train loop (checkpoints,
+heartbeat, signals) -> evaluation by length -> results.json. Exit codes per docs/run-directory.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.contract import (CKPT_DIR, EVAL_PER_LENGTH, EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_OK, RESULTS,
+                            atomic_write_json)
+from train.spec import SpecError, TrainSpec, check_world, load_spec
+
+EXIT_FAILED = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived outside the train loop (tokenizing, building, evaluating)."""
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1 set a flag. Outside the train loop they also raise Interrupted at once, since
+    there is no step boundary to wait for; inside it (`deferred()`) the loop checks the flag itself."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._raise = True
+
+    def install(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        if self._raise:
+            raise Interrupted(self.received)
+
+    @contextmanager
+    def deferred(self):
+        self._raise = False
+        try:
+            yield
+        finally:
+            self._raise = True
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- resolving the spec against the code
+
+@dataclass(frozen=True)
+class ModelPlan:
+    cfg: object  # train.presets.ModelConfig
+    inv_freq: list
+    attention_factor: float
+
+
+def plan_model(spec: TrainSpec) -> ModelPlan:
+    """Preset and RoPE spectrum of the spec, or SpecError naming the field that does not resolve."""
+    from train import presets, spectra
+    try:
+        cfg = presets.get_preset(spec.preset)
+    except (KeyError, ValueError) as e:
+        raise SpecError(f"spec field 'preset': {_reason(e)}") from None
+    try:
+        inv = spectra.inv_freq(spec.spectrum, cfg.head_dim)
+    except ValueError as e:
+        raise SpecError(f"spec field 'rope.spectrum': {_reason(e)}") from None
+    scaling = None
+    if spec.scaling is not None:
+        s = spec.scaling
+        scaling = spectra.Scaling(s["type"], s["factor"], s["original_max"])
+    try:
+        inv, attention_factor = spectra.apply_scaling(inv, scaling, cfg.head_dim)
+    except ValueError as e:
+        raise SpecError(f"spec field 'rope.scaling': {_reason(e)}") from None
+    return ModelPlan(cfg, list(inv), float(attention_factor))
+
+
+def _reason(e: Exception) -> str:
+    return str(e.args[0]) if e.args else type(e).__name__
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(spec: TrainSpec, dist_info, heartbeat):
+    """Node-local rank 0 builds (or finds) the token cache while the others wait; then all open it."""
+    from train.data import prepare_data as prepare
+    from train.distributed import barrier_polling
+    from train.heartbeat import STATUS_FIELDS
+
+    def on_progress(info: dict) -> None:
+        heartbeat.update(state="tokenizing", **{k: v for k, v in info.items() if k in STATUS_FIELDS})
+
+    heartbeat.update(state="tokenizing", message="preparing data")
+    if dist_info.local_rank == 0:
+        data = prepare(spec.raw, on_progress=on_progress if dist_info.is_main else None)
+        barrier_polling()
+    else:
+        barrier_polling()
+        data = prepare(spec.raw)
+    heartbeat.update(cache_bytes=getattr(data, "cache_bytes", None), message="data ready")
+    return data
+
+
+# ---------------------------------------------------------------- model and optimizer
+
+def build_model(plan: ModelPlan, spec: TrainSpec, dist_info):
+    import torch
+    from train.distributed import compute_dtype, parallelize
+    from train.model import GPT
+
+    torch.manual_seed(spec.seed)  # same spec, same initial weights (on the same device type)
+    model = GPT(plan.cfg, plan.inv_freq, attention_factor=plan.attention_factor)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.to(dist_info.device)
+    dtype = compute_dtype(spec.dtype, dist_info.device)
+    parallelize(model, dtype, spec.activation_checkpointing, spec.compile)
+    return model, n_params, dtype
+
+
+def build_optimizer(model, spec: TrainSpec, device):
+    """AdamW(0.9, 0.95); weight decay on matrices only (not norms, biases or other vectors)."""
+    import torch
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+# ---------------------------------------------------------------- the train loop
+
+@dataclass
+class Progress:
+    step: int = 0
+    train_time_s: float = 0.0   # time spent in training steps over all attempts
+    wall_time_s: float = 0.0    # whole-process time over all finished attempts
+    last_loss: float | None = None
+
+
+def _grad_norm(value) -> float:
+    from torch.distributed.tensor import DTensor
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return float(value)
+
+
+def train_loop(spec, dist_info, model, optimizer, data, progress: Progress, total_steps: int,
+               heartbeat, curve, signals: StopSignals, started: float) -> bool:
+    """Runs steps progress.step..total_steps-1. Returns False when stopped by a signal (checkpoint saved)."""
+    import torch
+    from train import checkpoint
+    from train.data.loader import ChunkSampler
+    from train.distributed import any_rank, mean_over_ranks
+    from train.schedule import lr_at, warmup_steps
+
+    device = dist_info.device
+    world = dist_info.world_size
+    tokens_per_step = spec.tokens_per_step(world)
+    warmup = warmup_steps(total_steps, spec.warmup_frac)
+    sampler = ChunkSampler(len(data.train), spec.seq_len, spec.seed, dist_info.rank, world)
+    ckpt_dir = Path(spec.out_dir) / CKPT_DIR
+
+    def save(step: int) -> None:
+        t = time.perf_counter()
+        heartbeat.update(message=f"saving checkpoint step {step}")
+        meta = {"tokens": step * tokens_per_step, "data_position": step,
+                "train_time_s": progress.train_time_s,
+                "wall_time_s": progress.wall_time_s + (time.time() - started),
+                "last_loss": progress.last_loss}
+        checkpoint.save(ckpt_dir, step, model, optimizer, meta, spec.keep_checkpoints)
+        heartbeat.update(checkpoint_step=step, message=f"checkpoint step {step} saved")
+        log(f"checkpoint step {step} saved in {time.perf_counter() - t:.1f}s")
+
+    model.train()
+    window_s, window_steps = 0.0, 0  # time in steps since the last log line (checkpoint saves excluded)
+    while progress.step < total_steps:
+        t0 = time.perf_counter()
+        if any_rank(signals.received is not None, device):
+            log(f"stop signal ({signals.received or 'on another rank'}): saving a checkpoint at step {progress.step}")
+            save(progress.step)
+            return False
+        step = progress.step
+        lr = lr_at(step, total_steps, spec.lr, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(spec.grad_accum):
+            x, y = sampler.batch(data.train, step, micro, spec.micro_batch, spec.grad_accum)
+            x = torch.from_numpy(x).to(device, non_blocking=True)
+            y = torch.from_numpy(y).to(device, non_blocking=True)
+            model.set_requires_gradient_sync(micro == spec.grad_accum - 1)
+            loss = model.loss(x, y) / spec.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step = step + 1
+        window_steps += 1
+
+        if progress.step % spec.log_every == 0 or progress.step == total_steps:
+            loss_value = mean_over_ranks(loss_sum.item(), device)  # .item() waits for the GPU
+            grad_norm = _grad_norm(norm)
+            window_s += time.perf_counter() - t0
+            tps = window_steps * tokens_per_step / max(window_s, 1e-9)
+            progress.train_time_s += window_s
+            progress.last_loss = loss_value
+            eta = (total_steps - progress.step) * tokens_per_step / tps
+            tokens = progress.step * tokens_per_step
+            curve.append(progress.step, tokens, loss_value, lr, grad_norm, tps)
+            heartbeat.update(step=progress.step, tokens=tokens, loss=loss_value, tokens_per_s=tps, eta_s=eta,
+                             message="training")
+            if dist_info.is_main:
+                log(f"step {progress.step}/{total_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                    f"grad_norm {grad_norm:.3f} tok/s {tps:,.0f} ({window_s / window_steps * 1e3:.0f} ms/step)")
+            window_s, window_steps = 0.0, 0
+        else:
+            window_s += time.perf_counter() - t0
+
+        if progress.step % spec.checkpoint_every == 0 or progress.step == total_steps:
+            save(progress.step)
+    return True
+
+
+# ---------------------------------------------------------------- results
+
+def git_commit(code_dir: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions(dist_info) -> dict:
+    import torch
+    cuda = dist_info.device.type == "cuda"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": torch.cuda.get_device_name(dist_info.device) if cuda else None,
+        "gpu_count": dist_info.world_size if cuda else 0,
+        "git_commit": git_commit(Path(__file__).resolve().parent.parent),
+    }
+
+
+def results_record(spec: TrainSpec, plan: ModelPlan, n_params: int, steps: int, tokens_seen: int,
+                   progress: Progress, eval_result: dict, wall_time_s: float, dtype_name: str,
+                   vers: dict) -> dict:
+    from train import presets
+    from train.mfu import mfu, peak_flops
+    tps = tokens_seen / progress.train_time_s if progress.train_time_s > 0 else None
+    peak = peak_flops(vers["gpu"], dtype_name)
+    flops = presets.flops_per_token(plan.cfg, spec.seq_len)
+    ppl = {length: r["ppl"] for length, r in eval_result.get("lengths", {}).items() if not r.get("skipped")}
+    return {
+        "run": spec.run, "phase": spec.phase, "config": spec.config, "seed": spec.seed,
+        "preset": spec.preset, "params": n_params, "tokens_seen": tokens_seen, "steps": steps,
+        "final_train_loss": progress.last_loss, "ppl": ppl, "wall_time_s": wall_time_s,
+        "tokens_per_s": tps,
+        "mfu": mfu(flops, tps, peak, max(1, vers["gpu_count"])) if tps else None,
+        "versions": vers,
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, started: float) -> int:
+    import torch
+    from train import checkpoint
+    from train.distributed import barrier_polling
+
+    out_dir = Path(spec.out_dir)
+    total_steps = check_world(spec, dist_info.world_size)
+    heartbeat.update(total_steps=total_steps)
+    plan = plan_model(spec)
+    data = prepare_data(spec, dist_info, heartbeat)
+    if data.vocab_size > plan.cfg.vocab_size:
+        raise SpecError(f"spec field 'tokenizer': vocabulary {data.vocab_size} does not fit preset "
+                        f"'{spec.preset}' (vocab_size {plan.cfg.vocab_size})")
+
+    heartbeat.update(message="building model")
+    model, n_params, dtype = build_model(plan, spec, dist_info)
+    optimizer = build_optimizer(model, spec, dist_info.device)
+    dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    log(f"model {spec.preset}: {n_params:,} parameters, {dtype_name} compute, world size "
+        f"{dist_info.world_size} on {dist_info.device.type}, {total_steps} steps of "
+        f"{spec.tokens_per_step(dist_info.world_size):,} tokens")
+
+    ckpt_dir = out_dir / CKPT_DIR
+    if dist_info.is_main:
+        checkpoint.remove_partial(ckpt_dir)
+    barrier_polling()
+    progress = Progress()
+    latest = checkpoint.latest_complete(ckpt_dir)
+    if latest is not None:
+        meta = checkpoint.load(latest, model, optimizer)
+        progress = Progress(step=meta["step"], train_time_s=meta.get("train_time_s", 0.0),
+                            wall_time_s=meta.get("wall_time_s", 0.0), last_loss=meta.get("last_loss"))
+        log(f"resumed from {latest.name} (step {progress.step}, {meta['tokens']:,} tokens)")
+        heartbeat.update(checkpoint_step=progress.step)
+    dropped = curve.truncate_after(progress.step)
+    if dropped:
+        log(f"loss curve: dropped {dropped} lines after step {progress.step}")
+
+    heartbeat.update(state="training", step=progress.step, message="training",
+                     tokens=progress.step * spec.tokens_per_step(dist_info.world_size))
+    log(f"phase training (from step {progress.step})")
+    with signals.deferred():
+        finished = train_loop(spec, dist_info, model, optimizer, data, progress, total_steps,
+                              heartbeat, curve, signals, started)
+    if not finished or signals.received:
+        heartbeat.update(state="interrupted", checkpoint_step=progress.step,
+                         message=f"{signals.received or 'stop signal'}: checkpoint at step {progress.step}")
+        log(f"interrupted: checkpoint at step {progress.step}, exit {EXIT_INTERRUPTED}")
+        return EXIT_INTERRUPTED
+
+    heartbeat.update(state="evaluating", message=f"evaluating lengths {spec.eval_lengths}")
+    log("phase evaluating")
+    from train.evaluate import evaluate_lengths
+    model.eval()
+    eval_result = evaluate_lengths(model, data.val, spec.eval_lengths, spec.eval_chunks, spec.eval_mode,
+                                   spec.seed, dist_info.device, dtype)
+    tokens_seen = total_steps * spec.tokens_per_step(dist_info.world_size)
+    wall = progress.wall_time_s + (time.time() - started)
+    if dist_info.is_main:
+        atomic_write_json(out_dir / EVAL_PER_LENGTH, eval_result)
+        record = results_record(spec, plan, n_params, total_steps, tokens_seen, progress, eval_result, wall,
+                                dtype_name, versions(dist_info))
+        atomic_write_json(out_dir / RESULTS, record)
+        log(f"results: final loss {record['final_train_loss']:.4f}, ppl {record['ppl']}, "
+            f"tok/s {record['tokens_per_s'] or 0:,.0f}, mfu {record['mfu']}")
+    barrier_polling()
+    heartbeat.update(state="done", step=total_steps, tokens=tokens_seen, eta_s=0, message="done")
+    log("phase done")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="path of the run's spec.json")
+    args = parser.parse_args(argv)
+    started = time.time()
+    signals = StopSignals().install()
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        print(f"error: invalid spec: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_SPEC
+    except Interrupted:
+        return EXIT_INTERRUPTED
+
+    from train import checkpoint
+    from train.distributed import init_distributed, shutdown
+    from train.heartbeat import Heartbeat, LossCurve
+
+    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    dist_info = init_distributed()
+    heartbeat = Heartbeat(spec.out_dir, spec.attempt, enabled=dist_info.is_main).start()
+    curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
+    if dist_info.is_main:
+        log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size "
+            f"{dist_info.world_size} ====")
+    code, clean = EXIT_FAILED, True
+    try:
+        code = run(spec, dist_info, heartbeat, curve, signals, started)
+    except SpecError as e:
+        print(f"error: invalid spec: {e}", file=sys.stderr, flush=True)
+        heartbeat.update(state="failed", message=f"invalid spec: {e}")
+        code = EXIT_BAD_SPEC
+    except Interrupted as e:
+        # Mid-phase: no step boundary to save at; the newest complete checkpoint is what a resume uses.
+        latest = checkpoint.complete_steps(Path(spec.out_dir) / CKPT_DIR)
+        step = latest[-1] if latest else None
+        phase = heartbeat.status.get("state")
+        heartbeat.update(state="interrupted", checkpoint_step=step,
+                         message=f"{e.args[0]} while {phase}; resume from checkpoint {step}")
+        log(f"interrupted by {e.args[0]} while {phase}: checkpoint_step {step}, exit {EXIT_INTERRUPTED}")
+        code, clean = EXIT_INTERRUPTED, False
+    except Exception as e:
+        summary = f"{type(e).__name__}: {e}".splitlines()[0]
+        print(f"error: training failed: {summary}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        heartbeat.update(state="failed", message=summary)
+        code, clean = EXIT_FAILED, False
+    finally:
+        heartbeat.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not clean and dist_info.world_size > 1:
+        os._exit(code)  # other ranks may be stuck in a collective; don't wait on them
+    shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
