@@ -1,0 +1,466 @@
+"""The `opskit` command line: parse, call one function, print. Nothing else lives here.
+
+Heavy modules (the store, the catalog, targets) are imported inside the commands so that
+`opskit --help` starts fast; torch is never imported by the control plane.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import typer
+
+from opskit.errors import OpsError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="Launch, watch and collect RoPE-spectrum training runs on local, SSH and SLURM targets.\n\n"
+                       "Example: opskit launch demo --wait && opskit status && opskit pull")
+targets_app = typer.Typer(no_args_is_help=True, help="Machines that run the trainer: local, ssh, slurm.")
+matrix_app = typer.Typer(no_args_is_help=True, help="The experiment catalog (configs/*.yaml).")
+runs_app = typer.Typer(no_args_is_help=True, help="One run in detail.")
+rope_app = typer.Typer(no_args_is_help=True, help="RoPE spectra: check a config before spending GPU hours on it.")
+app.add_typer(targets_app, name="targets")
+app.add_typer(matrix_app, name="matrix")
+app.add_typer(runs_app, name="runs")
+app.add_typer(rope_app, name="rope")
+
+_state_path: Optional[str] = None
+
+
+@app.callback()
+def _global(state: Optional[str] = typer.Option(None, "--state", envvar="OPSKIT_STATE",
+                                                 help="Path of the run store (default ./state.db).")):
+    global _state_path
+    _state_path = state
+
+
+def _store():
+    from opskit.store import DEFAULT_PATH, Store
+    return Store(_state_path or DEFAULT_PATH)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=1, default=str))
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _fmt_num(x, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suffix}{unit}"
+    return f"{x:.0f}{unit}" if isinstance(x, float) else f"{x}{unit}"
+
+
+def _fmt_duration(s) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _fmt_age(t) -> str:
+    return "-" if not t else _fmt_duration(max(0.0, time.time() - t)) + " ago"
+
+
+# ====================================================================== runs
+
+
+@app.command()
+def launch(
+    phase: str = typer.Argument(..., help="Phase from the catalog, e.g. demo, p0, p1."),
+    config: Optional[List[str]] = typer.Option(None, "--config", "-c", help="Only these configs (repeatable)."),
+    seed: Optional[List[int]] = typer.Option(None, "--seed", "-s", help="Only these seeds (repeatable)."),
+    target: str = typer.Option("local", "--target", "-t", help="Target name (opskit targets list)."),
+    matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs, specs and commands; start nothing."),
+    rerun: bool = typer.Option(False, "--rerun", help="Start done/failed runs again from scratch."),
+    wait: bool = typer.Option(False, "--wait", help="Show live status until every launched run has ended."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Expand a phase into runs and start them detached on a target.
+
+    Example: opskit launch demo --config hybrid_a0.2_t100k --seed 42
+    """
+    from opskit import operations
+    console = _console()
+    with _store() as store:
+        result = operations.launch(store, phase, config, seed, target, matrix, rerun, dry_run,
+                                   on_event=lambda m: console.print(f"[dim]{m}[/dim]") if not as_json else None)
+    if as_json:
+        return _print_json(result)
+    for r in result:
+        if dry_run:
+            mark = "would start" if r["start"] else "refused"
+            console.print(f"{mark}: [bold]{r['run']}[/bold] on {r['target']} ({r['reason']})")
+            console.print(f"  command: {' '.join(r['command'])}")
+        elif r.get("started"):
+            console.print(f"[green]started[/green] {r['run']} (attempt {r['attempt']}, pid {r.get('pid') or r.get('job_id')})")
+        else:
+            console.print(f"[yellow]not started[/yellow] {r['run']}: {r['reason']}")
+    if wait and not dry_run:
+        started = [r["run"] for r in result if r.get("started")]
+        if started:
+            _watch(phase=None, runs=started, until_ended=True)
+
+
+@app.command()
+def status(
+    phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Redraw a live table until interrupted."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between redraws with --watch."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list of run objects."),
+):
+    """Every run: state, step, loss, tokens/s, ETA, cache growth, stalls, deaths.
+
+    Example: opskit status --phase demo --watch
+    """
+    from opskit import operations
+    if watch:
+        return _watch(phase, None, until_ended=False, interval=interval)
+    with _store() as store:
+        health = operations.refresh(store, phase=phase)
+        rows = operations.status_rows(store, phase)
+    if as_json:
+        return _print_json(rows)
+    console = _console()
+    console.print(_status_table(rows, health))
+
+
+def _status_table(rows: list[dict], health: dict):
+    from rich.table import Table
+    table = Table(title=None, show_lines=False, header_style="bold")
+    for col in ("run", "target", "try", "state", "step", "loss", "tok/s", "ETA", "cache", "heartbeat"):
+        table.add_column(col, justify="right" if col in ("try", "step", "loss", "tok/s", "ETA", "cache") else "left")
+    colours = {"done": "green", "failed": "red", "lost": "red", "stalled": "yellow", "cancelled": "magenta",
+               "training": "cyan", "tokenizing": "blue", "evaluating": "blue"}
+    for r in rows:
+        state = r["state"] + (" (stale)" if r["stale"] else "")
+        c = colours.get(r["state"], "white")
+        step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else (str(r["step"]) if r["step"] else "-")
+        cache = _fmt_num(r["cache_bytes"], "B") if r["cache_bytes"] else "-"
+        table.add_row(r["run"], r["target"], str(r["attempt"]), f"[{c}]{state}[/{c}]", step,
+                      f"{r['loss']:.3f}" if r["loss"] is not None else "-", _fmt_num(r["tokens_per_s"]),
+                      _fmt_duration(r["eta_s"]) if r["state"] not in ("done", "failed", "lost", "cancelled") else "-",
+                      cache, _fmt_age(r["updated_at"]))
+    caption = [f"target {t} unreachable: {err}" for t, err in health.items() if err]
+    if not rows:
+        caption.append("no runs yet: try `opskit launch demo`")
+    table.caption = "\n".join(caption) or None
+    return table
+
+
+def _watch(phase, runs, until_ended: bool, interval: float = 2.0) -> None:
+    from rich.live import Live
+
+    from opskit import operations, states
+    with _store() as store, Live(refresh_per_second=4, console=_console()) as live:
+        try:
+            while True:
+                health = operations.refresh(store, phase=phase, runs=runs)
+                rows = [r for r in operations.status_rows(store, phase) if not runs or r["run"] in runs]
+                live.update(_status_table(rows, health))
+                if until_ended and all(r["state"] in states.ENDED for r in rows):
+                    return
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+@app.command()
+def logs(
+    run: str = typer.Argument(..., help="Run name <phase>/<config>/s<seed>."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows."),
+    lines: int = typer.Option(50, "--lines", "-n", help="How many last lines to show first."),
+):
+    """Show a run's log (run.log on its target).
+
+    Example: opskit logs demo/hybrid_a0.2_t100k/s42 --follow
+    """
+    from opskit import operations
+    with _store() as store:
+        try:
+            for chunk in operations.logs(store, run, lines, follow):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def cancel(runs: List[str] = typer.Argument(..., help="Run names."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Stop runs: the trainer saves a checkpoint and exits (resume continues it).
+
+    Example: opskit cancel demo/geo_500k/s42
+    """
+    from opskit import operations
+    with _store() as store:
+        result = operations.cancel(store, runs)
+    if as_json:
+        return _print_json(result)
+    for r in result:
+        typer.echo(f"{r['run']}: {'signalled' if r['cancelled'] else 'not cancelled'}"
+                   f"{'' if r['cancelled'] else ' (' + r['reason'] + ')'}")
+
+
+@app.command()
+def resume(run: str = typer.Argument(..., help="Run name."),
+           target: Optional[str] = typer.Option(None, "--target", "-t", help="Resume on this target."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Restart a failed, lost, cancelled or stalled run from its last checkpoint, as a new attempt.
+
+    Example: opskit resume demo/geo_500k/s42
+    """
+    from opskit import operations
+    with _store() as store:
+        result = operations.resume(store, run, target, on_event=typer.echo)
+    if as_json:
+        return _print_json(result)
+    if result["started"]:
+        typer.echo(f"resumed {run} as attempt {result['attempt']}")
+    else:
+        raise OpsError(f"could not resume {run}: {result['reason']}")
+
+
+@app.command()
+def pull(runs: Optional[List[str]] = typer.Argument(None, help="Run names (default: every run)."),
+         results_dir: str = typer.Option("results", "--results-dir", help="Where raw/ goes."),
+         as_json: bool = typer.Option(False, "--json")):
+    """Bring back non-weight artifacts (results, loss curve, eval, logs) into results/raw/.
+
+    Example: opskit pull demo/geo_500k/s42
+    """
+    from opskit import operations
+    with _store() as store:
+        result = operations.pull(store, runs, results_dir, on_event=lambda m: None if as_json else typer.echo(m))
+    if as_json:
+        return _print_json(result)
+    for r in result:
+        if r.get("error"):
+            typer.echo(f"{r['run']}: not pulled ({r['error']})", err=True)
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+    """A run's record, its state history and pulled artifacts.
+
+    Example: opskit runs show demo/geo_500k/s42
+    """
+    from opskit import operations
+    with _store() as store:
+        operations.refresh(store, runs=[run])
+        d = operations.run_details(store, run)
+    if as_json:
+        return _print_json(d)
+    console = _console()
+    for k in ("name", "matrix", "target", "attempt", "state", "step", "total_steps", "loss", "tokens_per_s",
+              "eta_s", "cache_bytes", "exit_code", "pid", "job_id", "run_dir", "message"):
+        console.print(f"[bold]{k:>12}[/bold]  {d.get(k) if d.get(k) is not None else '-'}")
+    console.print("[bold]history[/bold]")
+    for e in d["events"]:
+        console.print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['time']))}  attempt {e['attempt']}  "
+                      f"{e['from_state'] or '-'} -> {e['to_state']}  {e['reason']}")
+    if d["artifacts"]:
+        console.print("[bold]pulled[/bold]  " + ", ".join(a["path"] for a in d["artifacts"]))
+
+
+# ====================================================================== catalog
+
+
+@matrix_app.command("show")
+def matrix_show(matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file."),
+                phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase."),
+                as_json: bool = typer.Option(False, "--json")):
+    """The matrices and the runs each phase expands to.
+
+    Example: opskit matrix show --matrix 1p5b --phase p0
+    """
+    from opskit import catalog
+    if matrix:
+        matrices = [catalog.load_matrix(matrix)]
+    elif phase:
+        matrices = [catalog.resolve_phase(phase)[0]]
+    else:
+        matrices = list(catalog.load_all().values())
+    out = []
+    for m in matrices:
+        phases = [m.phases[phase]] if phase else list(m.phases.values())
+        if phase and phase not in m.phases:
+            raise OpsError(f"matrix {m.name} has no phase {phase} (phases: {', '.join(m.phases)})")
+        for ph in phases:
+            if ph.from_gate:
+                runs = [f"{ph.name}/<survivors of {ph.from_gate}>/s{s}" for s in ph.seeds]
+            else:
+                runs = [r.name for r in catalog.expand(m, ph)]
+            out.append({"matrix": m.name, "phase": ph.name, "kind": ph.kind, "preset": m.preset,
+                        "tokens": int(m.train["tokens"] * ph.token_fraction), "configs": list(ph.configs),
+                        "seeds": list(ph.seeds), "gate": ph.gate, "from_gate": ph.from_gate, "runs": runs})
+    if as_json:
+        return _print_json(out)
+    for p in out:
+        typer.echo(f"{p['matrix']} / {p['phase']} ({p['kind']}, preset {p['preset']}, "
+                   f"{_fmt_num(p['tokens'])} tokens per run)" + (f", gate {p['gate']}" if p["gate"] else ""))
+        for r in p["runs"]:
+            typer.echo(f"  {r}")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")):
+    """Model presets with their parameter counts (computed from the shapes).
+
+    Example: opskit models --json
+    """
+    from train.presets import list_presets
+    rows = list_presets()
+    if as_json:
+        return _print_json(rows)
+    from rich.table import Table
+    table = Table(header_style="bold")
+    for col in ("name", "hidden", "layers", "heads", "head_dim", "intermediate", "vocab", "params"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for r in rows:
+        table.add_row(r["name"], *(str(r[k]) for k in ("hidden", "layers", "heads", "head_dim", "intermediate", "vocab")),
+                      f"{r['params'] / 1e6:,.1f}M")
+    _console().print(table)
+
+
+@rope_app.command("show")
+def rope_show(name: str = typer.Argument(..., help="Spectrum, e.g. geo_500k, hybrid_a0.2_t100k."),
+              head_dim: int = typer.Option(64, "--head-dim"),
+              scaling: Optional[str] = typer.Option(None, "--scaling", help="pi, ntk or yarn."),
+              factor: Optional[float] = typer.Option(None, "--factor", help="Scaling factor s."),
+              original_max: Optional[int] = typer.Option(None, "--original-max", help="Original (training) length."),
+              as_json: bool = typer.Option(False, "--json")):
+    """Frequencies, wavelengths and attention factor of a spectrum (with an optional scaling).
+
+    Example: opskit rope show hybrid_a0.2_t100k --head-dim 128 --scaling yarn --factor 4 --original-max 2048
+    """
+    from train import spectra
+    sc = None
+    if scaling:
+        if factor is None or original_max is None:
+            raise OpsError("--scaling needs --factor and --original-max")
+        sc = spectra.Scaling(scaling, factor, original_max)
+    try:
+        d = spectra.describe(name, head_dim=head_dim, scaling=sc)
+    except ValueError as e:
+        raise OpsError(str(e)) from None
+    if as_json:
+        return _print_json(d)
+    typer.echo(f"{d['name']}  head_dim {d['head_dim']}  attention factor {d['attention_factor']:.4f}")
+    typer.echo(f"{'k':>4}  {'inv_freq':>14}  {'wavelength':>14}")
+    for k, (w, lam) in enumerate(zip(d["inv_freq"], d["wavelengths"])):
+        typer.echo(f"{k:>4}  {w:>14.6e}  {lam:>14.1f}")
+
+
+@app.command()
+def datasets(info: Optional[str] = typer.Option(None, "--info", help="Details of one dataset."),
+             as_json: bool = typer.Option(False, "--json")):
+    """Datasets the trainer knows (Hugging Face ids, local:PATH, the offline demo corpus).
+
+    Example: opskit datasets --info fineweb-edu
+    """
+    from train.data import registry
+    try:
+        rows = [registry.dataset_info(info)] if info else registry.list_datasets()
+    except ValueError as e:
+        raise OpsError(str(e)) from None
+    if as_json:
+        return _print_json(rows[0] if info else rows)
+    if info:
+        for k, v in rows[0].items():
+            typer.echo(f"{k:>12}  {v}")
+        return
+    from rich.table import Table
+    table = Table(header_style="bold")
+    for col in ("name", "hf_id", "config", "size", "use"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r.get(k) or "-") for k in ("name", "hf_id", "config", "size", "use")))
+    _console().print(table)
+
+
+# ====================================================================== targets
+
+
+@targets_app.command("list")
+def targets_list(as_json: bool = typer.Option(False, "--json")):
+    """Known targets.
+
+    Example: opskit targets list
+    """
+    from opskit import operations
+    with _store() as store:
+        operations.local_target_record(store)
+        rows = store.list_targets()
+    if as_json:
+        return _print_json(rows)
+    for t in rows:
+        cfg = ", ".join(f"{k}={v}" for k, v in t["config"].items())
+        typer.echo(f"{t['name']:<16} {t['kind']:<6} {cfg}")
+
+
+@targets_app.command("remove")
+def targets_remove(name: str = typer.Argument(...)):
+    """Forget a target (its runs stay in the store).
+
+    Example: opskit targets remove box1
+    """
+    with _store() as store:
+        store.remove_target(name)
+    typer.echo(f"removed target {name}")
+
+
+@targets_app.command("check")
+def targets_check(name: str = typer.Argument("local"), as_json: bool = typer.Option(False, "--json")):
+    """Is the target reachable, with python, GPUs and free disk?
+
+    Example: opskit targets check box1
+    """
+    from opskit import operations
+    with _store() as store:
+        result = operations.get_target(store, name).check()
+    if as_json:
+        return _print_json(result)
+    for k, v in result.items():
+        typer.echo(f"{k:>14}  {v}")
+
+
+@targets_app.command("prepare")
+def targets_prepare(name: str = typer.Argument(...)):
+    """Provision a target (venv, trainer dependencies, checks); safe to repeat.
+
+    Example: opskit targets prepare box1
+    """
+    from opskit import operations
+    with _store() as store:
+        tgt = operations.get_target(store, name)
+        tgt.prepare(on_line=typer.echo)
+        tgt.sync()
+    typer.echo(f"target {name} is ready")
+
+
+# === end of commands ===
+
+
+def main() -> None:
+    try:
+        app()
+    except OpsError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""What the commands do: glue between the catalog, the store and the targets.
+
+Each function takes a Store, performs one user-level operation and returns plain data for the
+CLI to print. No printing here (progress goes through an optional `on_event` callback).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from opskit import catalog, planning, states
+from opskit.errors import OpsError, unknown_name
+from opskit.store import Store
+from opskit.targets import Target, TargetUnreachable, open_target
+from train import contract as C
+
+Notify = Callable[[str], None]
+REFRESH_TIMEOUT_S = 20.0
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------ targets
+
+
+def local_target_record(store: Store) -> dict:
+    """The `local` target, created on first use with its workdir beside state.db."""
+    rec = store.get_target("local")
+    if rec is None:
+        workdir = str((store.path.resolve().parent / ".opskit" / "local"))
+        store.add_target("local", "local", {"workdir": workdir, "gpus": 0}, replace=True)
+        rec = store.get_target("local")
+    return rec
+
+
+def get_target(store: Store, name: str) -> Target:
+    if name == "local":
+        return open_target(local_target_record(store))
+    rec = store.get_target(name)
+    if rec is None:
+        raise unknown_name("target", name, ["local", *[t["name"] for t in store.list_targets() if t["name"] != "local"]])
+    return open_target(rec)
+
+
+# ------------------------------------------------------------------ launch
+
+
+def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: list[int] | None = None,
+           target: str = "local", matrix: str | None = None, rerun: bool = False, dry_run: bool = False,
+           on_event: Notify = _quiet) -> list[dict]:
+    """Expand the phase, refuse duplicates, prepare/sync the target once, start each run detached."""
+    m, ph = catalog.resolve_phase(phase, matrix)
+    if not configs and ph.from_gate:
+        configs = gate_survivors(store, m.name, ph.from_gate)
+    planned = catalog.expand(m, ph, configs, seeds)
+    existing = {p.name: store.get_run(p.name) for p in planned}
+    decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
+    tgt = get_target(store, target)
+    out = []
+    if dry_run:
+        for d in decisions:
+            spec = planning.build_spec(d.run, tgt.workdir, d.attempt)
+            out.append({"run": d.run.name, "start": d.start, "reason": d.reason, "target": target, "spec": spec,
+                        "command": _command(tgt, d.run.name)})
+        return out
+    to_start = [d for d in decisions if d.start]
+    for d in decisions:
+        if not d.start:
+            out.append({"run": d.run.name, "started": False, "reason": d.reason})
+    if not to_start:
+        return out
+    for d in to_start:
+        store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
+                          "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
+                          "run_dir": tgt.run_dir(d.run.name),
+                          "spec": planning.build_spec(d.run, tgt.workdir, d.attempt)}, reason=d.reason)
+    try:
+        _set_state(store, [d.run.name for d in to_start], states.PREPARING, "preparing target")
+        tgt.prepare(on_line=on_event)
+        _set_state(store, [d.run.name for d in to_start], states.SYNCING, "syncing code")
+        tgt.sync()
+    except OpsError as e:
+        _set_state(store, [d.run.name for d in to_start], states.FAILED, f"target {target}: {e}")
+        raise
+    for d in to_start:
+        out.append(_start_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, on_event=on_event))
+    return out
+
+
+def _command(tgt: Target, run: str) -> list[str]:
+    return planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), f"{tgt.run_dir(run)}/{C.SPEC}")
+
+
+def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
+    for r in runs:
+        store.update_run(r, state=state, reason=reason)
+
+
+def _start_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool, on_event: Notify) -> dict:
+    """Write the spec and start the trainer; a failure marks only this run failed."""
+    row = store.require_run(run)
+    spec = {**row["spec"], "attempt": attempt}
+    try:
+        if fresh:
+            tgt.agent_json(["reset", "--workdir", tgt.workdir, "--run", run])
+        tgt.write_spec(run, spec)
+        started = tgt.start(run, _command(tgt, run), attempt)
+    except OpsError as e:
+        store.update_run(run, state=states.FAILED, reason=f"start failed: {e}", ended_at=time.time())
+        return {"run": run, "started": False, "reason": str(e)}
+    store.update_run(run, state=states.STARTING, reason=f"started attempt {attempt}", attempt=attempt,
+                     spec=spec, pid=started.get("pid"), job_id=started.get("job_id"), started_at=time.time(),
+                     ended_at=None, exit_code=None, cancel_requested=0, stale=0)
+    on_event(f"started {run} on {tgt.name} (attempt {attempt})")
+    return {"run": run, "started": True, "attempt": attempt, "target": tgt.name, **started}
+
+
+def gate_survivors(store: Store, matrix: str, gate_phase: str) -> list[str]:
+    decision = store.latest_gate(matrix, gate_phase)
+    if decision is None:
+        raise OpsError(f"phase {gate_phase} has no gate decision yet: run `opskit gate {gate_phase}` "
+                       f"(after pulling its results) or pass --config")
+    survivors = decision.get("survivors") or decision.get("pass") or []
+    if not survivors:
+        raise OpsError(f"the gate of {gate_phase} passed no config; pass --config to launch anyway")
+    return list(survivors)
+
+
+# ------------------------------------------------------------------ status
+
+
+def refresh(store: Store, phase: str | None = None, runs: list[str] | None = None) -> dict[str, str | None]:
+    """Observe every unfinished run on its target (targets in parallel) and store derived states.
+
+    Returns {target: None if it answered, else the reason it did not}."""
+    rows = [store.require_run(r) for r in runs] if runs else store.list_runs(phase=phase)
+    by_target: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["state"] not in states.ENDED or r["stale"]:
+            by_target.setdefault(r["target"], []).append(r)
+    if not by_target:
+        return {}
+
+    def observe(name: str):
+        try:
+            tgt = get_target(store, name)
+            return tgt, tgt.observe([r["name"] for r in by_target[name]]), None
+        except (TargetUnreachable, OpsError, OSError) as e:
+            return None, None, str(e)
+
+    health: dict[str, str | None] = {}
+    with ThreadPoolExecutor(max_workers=min(16, len(by_target))) as pool:
+        results = list(pool.map(observe, by_target))
+    for name, (tgt, observations, error) in zip(by_target, results):
+        health[name] = error
+        for r in by_target[name]:
+            if error is not None:
+                if not r["stale"]:
+                    store.update_run(r["name"], stale=1)
+                continue
+            _apply(store, r, observations[r["name"]], tgt)
+    return health
+
+
+def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target) -> None:
+    state, reason = states.derive_state(obs, float(tgt.config.get("stall_after_s", states.DEFAULT_STALL_AFTER_S)))
+    if row["state"] in (states.QUEUED, states.PREPARING, states.SYNCING) and not obs.started:
+        state = row["state"]  # not handed to the trainer yet
+    fields = {**states.progress_fields(obs.status), "stale": 0, "exit_code": obs.exit_code}
+    if state in states.ENDED and row["state"] not in states.ENDED:
+        fields["ended_at"] = time.time()
+    store.update_run(row["name"], state=state, reason=reason, **fields)
+
+
+def status_rows(store: Store, phase: str | None = None) -> list[dict]:
+    """Rows for `status`: the store's runs with the fields scripts rely on."""
+    out = []
+    for r in store.list_runs(phase=phase):
+        out.append({"run": r["name"], "phase": r["phase"], "config": r["config"], "seed": r["seed"],
+                    "target": r["target"], "attempt": r["attempt"], "state": r["state"], "stale": r["stale"],
+                    "step": r["step"], "total_steps": r["total_steps"], "loss": r["loss"],
+                    "tokens_per_s": r["tokens_per_s"], "eta_s": r["eta_s"], "cache_bytes": r["cache_bytes"],
+                    "cache_tokens": r["cache_tokens"], "updated_at": r["heartbeat_at"] or r["updated_at"],
+                    "message": r["message"], "exit_code": r["exit_code"], "job_id": r["job_id"]})
+    return out
+
+
+# ------------------------------------------------------------------ cancel / resume / logs
+
+
+def cancel(store: Store, runs: list[str]) -> list[dict]:
+    """Ask each run's trainer to checkpoint and stop (SIGTERM through the launcher)."""
+    out = []
+    for name in runs:
+        row = store.require_run(name)
+        if row["state"] in states.ENDED:
+            out.append({"run": name, "cancelled": False, "reason": f"already {row['state']}"})
+            continue
+        tgt = get_target(store, row["target"])
+        store.update_run(name, cancel_requested=1)
+        answer = tgt.signal(name, "TERM")
+        if not answer.get("signalled") and row["state"] in (states.QUEUED,):
+            store.update_run(name, state=states.CANCELLED, reason="cancelled before it started",
+                             ended_at=time.time())
+        out.append({"run": name, "cancelled": True, **answer})
+    return out
+
+
+def resume(store: Store, run: str, target: str | None = None, on_event: Notify = _quiet) -> dict:
+    """Start a new attempt that continues from the run's last complete checkpoint."""
+    refresh(store, runs=[run])
+    row = store.require_run(run)
+    if row["state"] not in states.ENDED and row["state"] != states.STALLED:
+        raise OpsError(f"{run} is {row['state']}; only a failed, lost, cancelled or stalled run can be resumed")
+    if row["state"] == states.DONE:
+        raise OpsError(f"{run} is done; use `opskit launch ... --rerun` to train it again")
+    if target and target != row["target"]:
+        raise OpsError(f"resuming on another target than {row['target']} needs its checkpoint there; "
+                       f"copy <workdir>/runs/{run}/ckpt to the new target first (not automated yet)")
+    tgt = get_target(store, row["target"])
+    if row["state"] == states.STALLED:
+        tgt.signal(run, "KILL")
+    tgt.prepare(on_line=on_event)
+    tgt.sync()
+    return _start_one(store, tgt, run, row["attempt"] + 1, fresh=False, on_event=on_event)
+
+
+def logs(store: Store, run: str, lines: int = 50, follow: bool = False):
+    row = store.require_run(run)
+    return get_target(store, row["target"]).logs(run, lines=lines, follow=follow)
+
+
+# ------------------------------------------------------------------ pull
+
+
+def pull(store: Store, runs: list[str] | None = None, results_dir: str = "results",
+         on_event: Notify = _quiet) -> list[dict]:
+    """Fetch each run's allowed artifacts into results/raw/<phase>/<config>/seed<k>/ with a manifest."""
+    rows = [store.require_run(r) for r in runs] if runs else store.list_runs()
+    out = []
+    for r in rows:
+        try:
+            tgt = get_target(store, r["target"])
+            files = tgt.manifest(r["name"])
+        except (TargetUnreachable, OpsError) as e:
+            out.append({"run": r["name"], "pulled": 0, "error": str(e)})
+            continue
+        dest = Path(planning.pull_dest(results_dir, r["phase"], r["config"], r["seed"]))
+        dest.mkdir(parents=True, exist_ok=True)
+        wanted = [f for f in files if _needs_fetch(dest / f["path"], f)]
+        if wanted:
+            tgt.fetch(r["name"], [f["path"] for f in wanted], dest)
+        for f in files:
+            got = _sha256(dest / f["path"])
+            if got != f["sha256"]:  # the file changed between manifest and copy (a live log): record what we have
+                f = {**f, "sha256": got, "size": (dest / f["path"]).stat().st_size}
+            store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
+        C.atomic_write_json(dest / "manifest.json", {"run": r["name"], "target": r["target"],
+                                                     "attempt": r["attempt"], "state": r["state"],
+                                                     "pulled_at": time.time(), "files": files})
+        on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files -> {dest}")
+        out.append({"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "dest": str(dest)})
+    return out
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _needs_fetch(local: Path, remote: dict) -> bool:
+    return not local.exists() or local.stat().st_size != remote["size"] or _sha256(local) != remote["sha256"]
+
+
+def run_details(store: Store, run: str) -> dict:
+    row = store.require_run(run)
+    return {**row, "events": store.events(run), "artifacts": store.artifacts(run)}
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)

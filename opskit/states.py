@@ -1,0 +1,76 @@
+"""The run state machine (docs/states.md): a pure function of what a target observed.
+
+A state is derived from the trainer's heartbeat (status.json), whether the process is alive and
+its exit code; never guessed from log text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from train.contract import EXIT_OK
+
+# Launch-side states (written by opskit) and derived states.
+QUEUED, PREPARING, SYNCING, STARTING = "queued", "preparing", "syncing", "starting"
+TOKENIZING, TRAINING, EVALUATING = "tokenizing", "training", "evaluating"
+DONE, FAILED, LOST, STALLED, CANCELLED = "done", "failed", "lost", "stalled", "cancelled"
+
+ALL_STATES = (QUEUED, PREPARING, SYNCING, STARTING, TOKENIZING, TRAINING, EVALUATING, DONE, FAILED,
+              LOST, STALLED, CANCELLED)
+ENDED = frozenset({DONE, FAILED, LOST, CANCELLED})
+ACTIVE = frozenset({PREPARING, SYNCING, STARTING, TOKENIZING, TRAINING, EVALUATING, STALLED})
+# Trainer heartbeat states that map one to one.
+_LIVE_FROM_HEARTBEAT = {"starting": STARTING, "tokenizing": TOKENIZING, "training": TRAINING,
+                        "evaluating": EVALUATING}
+
+DEFAULT_STALL_AFTER_S = 300.0  # ten missed heartbeats (the trainer beats at least every 30 s)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a target saw of one run's directory and process, at `now`."""
+
+    status: dict | None  # parsed status.json, None if absent
+    exit_code: int | None  # None if the process has not ended (or never wrote one)
+    alive: bool  # is the launched process group still running?
+    now: float
+    started: bool = True  # has the launcher started it (False: still queued on the target)
+
+
+def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> tuple[str, str]:
+    """(state, reason) for one observation."""
+    hb = obs.status or {}
+    hb_state = hb.get("state")
+    if obs.exit_code is not None:
+        if obs.exit_code == EXIT_OK and hb_state == "done":
+            return DONE, "exit code 0"
+        if obs.exit_code == EXIT_OK:
+            return FAILED, f"exit code 0 but heartbeat says {hb_state!r}"
+        if hb_state == "interrupted":
+            return CANCELLED, f"stopped by signal after checkpoint at step {hb.get('checkpoint_step')}"
+        detail = f": {hb['message']}" if hb_state == "failed" and hb.get("message") else ""
+        return FAILED, f"exit code {obs.exit_code}{detail}"
+    if not obs.started:
+        return QUEUED, "waiting on the target's queue"
+    if not obs.alive:
+        return LOST, "process gone without an exit code"
+    if not hb:
+        return STARTING, "process alive, no heartbeat yet"
+    age = obs.now - float(hb.get("updated_at") or 0)
+    if age > stall_after_s:
+        return STALLED, f"alive, heartbeat {age:.0f}s old"
+    state = _LIVE_FROM_HEARTBEAT.get(hb_state)
+    if state:
+        return state, "heartbeat"
+    # done/interrupted/failed written but the process has not exited yet: still finishing up
+    return (EVALUATING if hb_state == "done" else STARTING), f"heartbeat {hb_state}, process exiting"
+
+
+def progress_fields(status: dict | None) -> dict:
+    """The heartbeat's progress numbers as run-row fields."""
+    if not status:
+        return {}
+    out = {k: status.get(k) for k in ("step", "total_steps", "tokens", "loss", "tokens_per_s", "eta_s",
+                                      "cache_bytes", "cache_tokens", "cache_target_tokens",
+                                      "checkpoint_step", "message")}
+    out["heartbeat_at"] = status.get("updated_at")
+    return {k: v for k, v in out.items() if v is not None}

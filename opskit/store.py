@@ -1,0 +1,221 @@
+"""The run store: one SQLite file (`state.db`) through sqlite-utils.
+
+WAL mode and a busy timeout let several `opskit` commands write at once; every state change is
+appended to `events`. JSON columns only, never pickles. Schema changes are numbered migrations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+from opskit.errors import OpsError, unknown_name
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+DEFAULT_PATH = "state.db"
+
+# Progress fields copied from a run's heartbeat into its row.
+PROGRESS_FIELDS = ("step", "total_steps", "tokens", "loss", "tokens_per_s", "eta_s", "cache_bytes",
+                   "cache_tokens", "cache_target_tokens", "heartbeat_at", "checkpoint_step", "message")
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["targets"].create({"name": str, "kind": str, "config": str, "created_at": float}, pk="name")
+    db["runs"].create({
+        "name": str, "matrix": str, "phase": str, "config": str, "seed": int, "target": str,
+        "attempt": int, "state": str, "stale": int, "cancel_requested": int,
+        "created_at": float, "started_at": float, "ended_at": float, "updated_at": float,
+        "step": int, "total_steps": int, "tokens": int, "loss": float, "tokens_per_s": float,
+        "eta_s": float, "cache_bytes": int, "cache_tokens": int, "cache_target_tokens": int,
+        "heartbeat_at": float, "checkpoint_step": int, "message": str,
+        "pid": int, "job_id": str, "exit_code": int, "run_dir": str, "spec": str, "after": str,
+        "queue_pos": int, "gpus": str,
+    }, pk="name", not_null={"phase", "config", "seed", "target", "state"},
+        defaults={"attempt": 1, "stale": 0, "cancel_requested": 0})
+    db["runs"].create_index(["phase"])
+    db["runs"].create_index(["target", "state"])
+    db["events"].create({"id": int, "run": str, "time": float, "attempt": int, "from_state": str,
+                         "to_state": str, "reason": str}, pk="id")
+    db["events"].create_index(["run"])
+    db["artifacts"].create({"id": int, "run": str, "path": str, "size": int, "sha256": str,
+                            "pulled_at": float}, pk="id")
+    db["artifacts"].create_index(["run", "path"], unique=True)
+    db["gates"].create({"id": int, "matrix": str, "phase": str, "decided_at": float, "decision": str}, pk="id")
+
+
+MIGRATIONS = {1: _migration_1}
+
+
+class Store:
+    """All reads and writes of state.db. Open one per command; it is cheap."""
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction taken up front (BEGIN IMMEDIATE), so concurrent writers queue, not fail."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise OpsError(f"{self.path} has schema version {version}, newer than this opskit "
+                               f"({SCHEMA_VERSION}); upgrade opskit")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[v](self.db)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    # ------------------------------------------------------------ targets
+
+    def add_target(self, name: str, kind: str, config: dict, replace: bool = False) -> None:
+        with self.transaction():
+            if not replace and self.db["targets"].count_where("name = ?", [name]):
+                raise OpsError(f"target '{name}' exists; remove it first (opskit targets remove {name})")
+            self.db["targets"].insert({"name": name, "kind": kind, "config": json.dumps(config),
+                                       "created_at": time.time()}, replace=True)
+
+    def get_target(self, name: str) -> dict | None:
+        rows = list(self.db["targets"].rows_where("name = ?", [name]))
+        return _target_row(rows[0]) if rows else None
+
+    def list_targets(self) -> list[dict]:
+        return [_target_row(r) for r in self.db["targets"].rows_where(order_by="name")]
+
+    def remove_target(self, name: str) -> None:
+        with self.transaction():
+            if not self.db["targets"].count_where("name = ?", [name]):
+                raise unknown_name("target", name, [t["name"] for t in self.list_targets()])
+            self.db["targets"].delete(name)
+
+    # ------------------------------------------------------------ runs
+
+    def get_run(self, name: str) -> dict | None:
+        rows = list(self.db["runs"].rows_where("name = ?", [name]))
+        return _run_row(rows[0]) if rows else None
+
+    def require_run(self, name: str) -> dict:
+        run = self.get_run(name)
+        if run is None:
+            raise unknown_name("run", name, [r["name"] for r in self.list_runs()])
+        return run
+
+    def list_runs(self, phase: str | None = None, target: str | None = None, states: tuple[str, ...] = ()) -> list[dict]:
+        where, args = [], []
+        if phase:
+            where.append("phase = ?"), args.append(phase)
+        if target:
+            where.append("target = ?"), args.append(target)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})"), args.extend(states)
+        rows = self.db["runs"].rows_where(" AND ".join(where) or None, args, order_by="created_at, name")
+        return [_run_row(r) for r in rows]
+
+    def upsert_run(self, row: dict, reason: str) -> None:
+        """Create a run (or replace it for a rerun/new attempt) and log the event."""
+        now = time.time()
+        with self.transaction():
+            old = self.get_run(row["name"])
+            record = {**row, "updated_at": now}
+            record.setdefault("created_at", old["created_at"] if old else now)
+            if isinstance(record.get("spec"), dict):
+                record["spec"] = json.dumps(record["spec"])
+            self.db["runs"].insert(record, replace=True)
+            self._event(row["name"], record.get("attempt", 1), old["state"] if old else None, row["state"], reason, now)
+
+    def update_run(self, name: str, reason: str | None = None, **fields: Any) -> None:
+        """Update fields; a change of `state` is logged as an event (with `reason`)."""
+        now = time.time()
+        with self.transaction():
+            old = self.get_run(name)
+            if old is None:
+                raise unknown_name("run", name, [])
+            fields["updated_at"] = now
+            if "spec" in fields and isinstance(fields["spec"], dict):
+                fields["spec"] = json.dumps(fields["spec"])
+            self.db["runs"].update(name, fields)
+            new_state = fields.get("state")
+            if new_state and new_state != old["state"]:
+                self._event(name, fields.get("attempt", old["attempt"]), old["state"], new_state, reason or "", now)
+
+    def _event(self, run: str, attempt: int, from_state: str | None, to_state: str, reason: str, now: float) -> None:
+        self.db["events"].insert({"run": run, "time": now, "attempt": attempt, "from_state": from_state,
+                                  "to_state": to_state, "reason": reason})
+
+    def events(self, run: str) -> list[dict]:
+        return list(self.db["events"].rows_where("run = ?", [run], order_by="id"))
+
+    # ------------------------------------------------------------ artifacts and gates
+
+    def record_artifact(self, run: str, path: str, size: int, sha256: str) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO artifacts (run, path, size, sha256, pulled_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(run, path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256, "
+                "pulled_at=excluded.pulled_at", [run, path, size, sha256, time.time()])
+
+    def artifacts(self, run: str) -> list[dict]:
+        return list(self.db["artifacts"].rows_where("run = ?", [run], order_by="path"))
+
+    def record_gate(self, matrix: str, phase: str, decision: dict) -> None:
+        with self.transaction():
+            self.db["gates"].insert({"matrix": matrix, "phase": phase, "decided_at": time.time(),
+                                     "decision": json.dumps(decision)})
+
+    def latest_gate(self, matrix: str, phase: str) -> dict | None:
+        rows = list(self.db["gates"].rows_where("matrix = ? AND phase = ?", [matrix, phase],
+                                                order_by="id desc", limit=1))
+        return json.loads(rows[0]["decision"]) if rows else None
+
+
+def _target_row(row: dict) -> dict:
+    return {**row, "config": json.loads(row["config"] or "{}")}
+
+
+def _run_row(row: dict) -> dict:
+    out = dict(row)
+    out["spec"] = json.loads(row["spec"]) if row.get("spec") else None
+    out["stale"] = bool(row.get("stale"))
+    out["cancel_requested"] = bool(row.get("cancel_requested"))
+    return out
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("OPSKIT_STATE", DEFAULT_PATH))

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""The target-side agent: every operation opskit performs inside a target's workdir.
+
+Standard library only: it runs with the box's `python3` before any venv exists. opskit calls it
+as a subprocess on the local target and over ssh on SSH targets, so both share one code path.
+Each command prints one JSON document on stdout.
+
+    agent.py start   --workdir W --run R [--env K=V ...] -- CMD...
+    agent.py observe --workdir W RUN...
+    agent.py signal  --workdir W --run R [--sig TERM]
+    agent.py tail    --workdir W --run R [--lines N] [--follow]
+    agent.py manifest --workdir W --run R
+    agent.py write   --workdir W --path REL          (stdin -> file, atomically)
+    agent.py reset   --workdir W --run R             (move a finished run's directory to trash/)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from train import contract as C  # noqa: E402  (pure Python)
+
+DETACH = Path(__file__).resolve().parent / "detach.sh"
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Kernel start time of a pid (field 22 of /proc/PID/stat), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _pid_alive(run_dir: Path) -> bool:
+    try:
+        pid_s, start = (run_dir / C.PID).read_text().split()
+    except (OSError, ValueError):
+        return False
+    current = _proc_start_time(int(pid_s))
+    if current is None or current != start:
+        return False
+    state = Path(f"/proc/{pid_s}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def start(workdir: str, run: str, cmd: list[str], env: dict[str, str]) -> dict:
+    run_dir = C.run_dir(workdir, run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if _pid_alive(run_dir):
+        raise SystemExit(json.dumps({"error": f"run {run} is already running on this target"}))
+    full_env = {**os.environ, **env}
+    with open(os.devnull, "rb") as null_in, open(run_dir / C.LOG, "ab") as log:
+        proc = subprocess.Popen(["bash", str(DETACH), str(run_dir), *cmd], stdin=null_in, stdout=log,
+                                stderr=log, env=full_env, start_new_session=True, close_fds=True)
+    start_time = None
+    for _ in range(50):  # /proc entry appears at once; loop guards against a slow fork
+        start_time = _proc_start_time(proc.pid)
+        if start_time:
+            break
+        time.sleep(0.01)
+    C.atomic_write_text(run_dir / C.PID, f"{proc.pid} {start_time}\n")
+    return {"pid": proc.pid}
+
+
+def observe(workdir: str, runs: list[str]) -> dict:
+    out = {}
+    for run in runs:
+        run_dir = C.run_dir(workdir, run)
+        exit_code = None
+        try:
+            exit_code = int((run_dir / C.EXIT_CODE).read_text().strip())
+        except (OSError, ValueError):
+            pass
+        try:
+            status = C.read_json(run_dir / C.STATUS)
+        except ValueError:  # a writer that does not follow the contract; report it as missing
+            status = None
+        out[run] = {"status": status, "exit_code": exit_code, "alive": _pid_alive(run_dir),
+                    "started": (run_dir / C.PID).exists(), "exists": run_dir.exists()}
+    return {"now": time.time(), "runs": out}
+
+
+def send_signal(workdir: str, run: str, sig: str) -> dict:
+    run_dir = C.run_dir(workdir, run)
+    if not _pid_alive(run_dir):
+        return {"signalled": False, "reason": "not running"}
+    pid = int((run_dir / C.PID).read_text().split()[0])
+    os.kill(pid, getattr(signal, f"SIG{sig}"))
+    return {"signalled": True, "pid": pid}
+
+
+def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
+    """Print the last `lines` lines of run.log (raw text, not JSON); with follow, keep printing."""
+    run_dir = C.run_dir(workdir, run)
+    log = run_dir / C.LOG
+    if not log.exists():
+        print(f"(no log yet at {log})", flush=True)
+        if not follow:
+            return
+        while not log.exists():
+            time.sleep(0.5)
+    with open(log, "rb") as f:
+        data = f.read()
+        sys.stdout.write(b"\n".join(data.splitlines()[-lines:]).decode(errors="replace") + ("\n" if data else ""))
+        sys.stdout.flush()
+        while follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            elif (run_dir / C.EXIT_CODE).exists() and not _pid_alive(run_dir):
+                return
+            else:
+                time.sleep(0.5)
+
+
+def manifest(workdir: str, run: str) -> dict:
+    """The pullable files of a run (never checkpoints, caches or weights), with size and sha256."""
+    run_dir = C.run_dir(workdir, run)
+    files = []
+    if run_dir.exists():
+        for path in sorted(run_dir.iterdir()):
+            if not path.is_file():
+                continue  # ckpt/ and any other folder stay behind
+            if path.name in C.PULLABLE or path.suffix in C.PULLABLE_SUFFIXES:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                files.append({"path": path.name, "size": path.stat().st_size, "sha256": h.hexdigest()})
+    return {"run_dir": str(run_dir), "files": files}
+
+
+def write(workdir: str, rel: str) -> dict:
+    path = Path(workdir) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    C.atomic_write_text(path, sys.stdin.read())
+    return {"written": str(path)}
+
+
+def reset(workdir: str, run: str) -> dict:
+    """Move a run's directory aside (a rerun starts from scratch; nothing is deleted)."""
+    run_dir = C.run_dir(workdir, run)
+    if _pid_alive(run_dir):
+        raise SystemExit(json.dumps({"error": f"run {run} is still running"}))
+    if not run_dir.exists():
+        return {"moved_to": None}
+    dest = Path(workdir) / "trash" / f"{run}.{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(dest)
+    return {"moved_to": str(dest)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cmd: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, cmd = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="agent.py")
+    p.add_argument("op", choices=["start", "observe", "signal", "tail", "manifest", "write", "reset"])
+    p.add_argument("runs", nargs="*")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--run")
+    p.add_argument("--path")
+    p.add_argument("--env", action="append", default=[])
+    p.add_argument("--sig", default="TERM")
+    p.add_argument("--lines", type=int, default=50)
+    p.add_argument("--follow", action="store_true")
+    a = p.parse_args(argv)
+    if a.op == "tail":
+        return tail(a.workdir, a.run, a.lines, a.follow)
+    if a.op == "start":
+        result = start(a.workdir, a.run, cmd, dict(e.split("=", 1) for e in a.env))
+    elif a.op == "observe":
+        result = observe(a.workdir, a.runs)
+    elif a.op == "signal":
+        result = send_signal(a.workdir, a.run, a.sig)
+    elif a.op == "manifest":
+        result = manifest(a.workdir, a.run)
+    elif a.op == "reset":
+        result = reset(a.workdir, a.run)
+    else:
+        result = write(a.workdir, a.path)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
