@@ -392,6 +392,42 @@ def datasets(info: Optional[str] = typer.Option(None, "--info", help="Details of
 # ====================================================================== targets
 
 
+@targets_app.command("add")
+def targets_add(
+    name: str = typer.Argument(..., help="A short name, e.g. box1."),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="USER@HOST[:PORT] of an SSH box."),
+    slurm: bool = typer.Option(False, "--slurm", help="A SLURM cluster (submission here or via --login)."),
+    key: Optional[str] = typer.Option(None, "--key", help="SSH private key path (never copied or stored)."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Work directory on the target."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs on the box (0: CPU)."),
+    gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="GPUs one run takes (default all)."),
+    python: Optional[str] = typer.Option(None, "--python", help="Trainer python on the target (default: the prepared venv)."),
+    partition: Optional[str] = typer.Option(None, "--partition"),
+    account: Optional[str] = typer.Option(None, "--account"),
+    qos: Optional[str] = typer.Option(None, "--qos"),
+    nodes: Optional[int] = typer.Option(None, "--nodes"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit HH:MM:SS."),
+    login: Optional[str] = typer.Option(None, "--login", help="USER@HOST[:PORT] of a SLURM login node."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite an existing target of that name."),
+):
+    """Register a target.
+
+    Example: opskit targets add box1 --ssh ubuntu@203.0.113.7 --key ~/.ssh/id_ed25519 --gpus 2
+    Example: opskit targets add cluster --slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 24:00:00
+    """
+    from opskit import operations
+    options = {"ssh": ssh, "key": key, "workdir": workdir, "gpus": gpus, "gpus_per_run": gpus_per_run,
+               "python": python, "partition": partition, "account": account, "qos": qos, "nodes": nodes,
+               "gpus_per_node": gpus_per_node, "time": time_limit, "login": login}
+    kind = "slurm" if slurm else "ssh" if ssh else None
+    if kind is None:
+        raise OpsError("say what the target is: --ssh USER@HOST[:PORT] or --slurm")
+    with _store() as store:
+        rec = operations.add_target(store, name, kind, {k: v for k, v in options.items() if v is not None}, replace)
+    typer.echo(f"added {rec['kind']} target {name}: " + ", ".join(f"{k}={v}" for k, v in rec["config"].items()))
+
+
 @targets_app.command("list")
 def targets_list(as_json: bool = typer.Option(False, "--json")):
     """Known targets.

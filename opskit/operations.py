@@ -39,6 +39,16 @@ def local_target_record(store: Store) -> dict:
     return rec
 
 
+def add_target(store: Store, name: str, kind: str, options: dict, replace: bool = False) -> dict:
+    """Validate a target's options through its kind's class and store it (no secrets: keys by path)."""
+    if name == "local":
+        raise OpsError("'local' is the built-in local target; pick another name")
+    from opskit.targets import target_class
+    config = target_class(kind).config_from_options(options)
+    store.add_target(name, kind, config, replace=replace)
+    return store.get_target(name)
+
+
 def get_target(store: Store, name: str) -> Target:
     if name == "local":
         return open_target(local_target_record(store))

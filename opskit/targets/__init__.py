@@ -7,19 +7,22 @@ from opskit.targets.base import Target, TargetUnreachable
 KINDS = ("local", "ssh", "slurm")
 
 
-def open_target(record: dict) -> Target:
-    """The Target object for a store row (name, kind, config)."""
-    kind = record["kind"]
+def target_class(kind: str) -> type[Target]:
     if kind == "local":
         from opskit.targets.local import LocalTarget
-        return LocalTarget(record["name"], record["config"])
+        return LocalTarget
     if kind == "ssh":
         from opskit.targets.ssh import SSHTarget
-        return SSHTarget(record["name"], record["config"])
+        return SSHTarget
     if kind == "slurm":
         from opskit.targets.slurm import SlurmTarget
-        return SlurmTarget(record["name"], record["config"])
-    raise OpsError(f"target '{record['name']}' has unknown kind '{kind}' (valid: {', '.join(KINDS)})")
+        return SlurmTarget
+    raise OpsError(f"unknown target kind '{kind}' (valid: {', '.join(KINDS)})")
 
 
-__all__ = ["KINDS", "Target", "TargetUnreachable", "open_target"]
+def open_target(record: dict) -> Target:
+    """The Target object for a store row (name, kind, config)."""
+    return target_class(record["kind"])(record["name"], record["config"])
+
+
+__all__ = ["KINDS", "Target", "TargetUnreachable", "open_target", "target_class"]

@@ -24,6 +24,11 @@ class Target(ABC):
         self.name = name
         self.config = config
 
+    @classmethod
+    def config_from_options(cls, options: dict) -> dict:
+        """Validate `targets add` options into the stored config; raise OpsError naming a bad one."""
+        raise OpsError(f"targets of kind {cls.kind} cannot be added by hand")
+
     # -- where things are on the target
     @property
     def workdir(self) -> str:
