@@ -101,6 +101,11 @@ def ppl_vs_length(report: Report, out_dir: Path) -> FigureResult:
         return _skip(name, "no run has perplexities")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xticks(report.lengths, [length_label(x) for x in report.lengths])
     ax.set(xlabel="evaluation length (tokens)", ylabel="perplexity (log scale)", title="Perplexity vs evaluation length (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
