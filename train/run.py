@@ -206,7 +206,7 @@ def train_loop(spec, dist_info, model, optimizer, data, progress: Progress, tota
             x = torch.from_numpy(x).to(device, non_blocking=True)
             y = torch.from_numpy(y).to(device, non_blocking=True)
             model.set_requires_gradient_sync(micro == spec.grad_accum - 1)
-            loss = model.loss(x, y) / spec.grad_accum
+            loss = model(x, y) / spec.grad_accum  # call the module so FSDP2's hooks run
             loss.backward()
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
@@ -338,8 +338,9 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
     log("phase evaluating")
     from train.evaluate import evaluate_lengths
     model.eval()
+    # fp32 here means "no autocast": FSDP2's policy already computes in `dtype`, as in training.
     eval_result = evaluate_lengths(model, data.val, spec.eval_lengths, spec.eval_chunks, spec.eval_mode,
-                                   spec.seed, dist_info.device, dtype)
+                                   spec.seed, dist_info.device, torch.float32)
     tokens_seen = total_steps * spec.tokens_per_step(dist_info.world_size)
     wall = progress.wall_time_s + (time.time() - started)
     if dist_info.is_main:
