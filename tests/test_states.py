@@ -1,0 +1,43 @@
+"""State derivation: heartbeat + process + exit code -> run state; never from log text."""
+import pytest
+
+from opskit.states import Observation, derive_state, progress_fields
+
+NOW = 1_000_000.0
+
+
+def hb(state, age=1.0, **kw):
+    return {"state": state, "updated_at": NOW - age, **kw}
+
+
+@pytest.mark.parametrize("obs, expected", [
+    (Observation(None, None, alive=True, now=NOW), "starting"),
+    (Observation(hb("tokenizing"), None, alive=True, now=NOW), "tokenizing"),
+    (Observation(hb("training"), None, alive=True, now=NOW), "training"),
+    (Observation(hb("evaluating"), None, alive=True, now=NOW), "evaluating"),
+    (Observation(hb("training", age=301), None, alive=True, now=NOW), "stalled"),
+    (Observation(hb("training"), None, alive=False, now=NOW), "lost"),
+    (Observation(None, None, alive=False, now=NOW), "lost"),
+    (Observation(hb("done"), 0, alive=False, now=NOW), "done"),
+    (Observation(hb("training"), 0, alive=False, now=NOW), "failed"),  # 0 without finishing is not done
+    (Observation(hb("training"), 1, alive=False, now=NOW), "failed"),
+    (Observation(hb("training"), -9, alive=False, now=NOW), "failed"),
+    (Observation(hb("interrupted", checkpoint_step=40), 75, alive=False, now=NOW), "cancelled"),
+    (Observation(hb("failed", message="CUDA out of memory"), 1, alive=False, now=NOW), "failed"),
+    (Observation(None, None, alive=False, now=NOW, started=False), "queued"),
+    (Observation(hb("done"), None, alive=True, now=NOW), "evaluating"),  # finishing up
+])
+def test_derive_state(obs, expected):
+    assert derive_state(obs)[0] == expected
+
+
+def test_reasons_carry_the_evidence():
+    assert "CUDA out of memory" in derive_state(Observation(hb("failed", message="CUDA out of memory"), 1, False, NOW))[1]
+    assert "step 40" in derive_state(Observation(hb("interrupted", checkpoint_step=40), 75, False, NOW))[1]
+    assert derive_state(Observation(hb("training", age=50), None, True, NOW), stall_after_s=30)[0] == "stalled"
+
+
+def test_progress_fields_copy_heartbeat_numbers():
+    f = progress_fields(hb("training", step=10, total_steps=100, loss=3.5, tokens_per_s=1e4, eta_s=90, cache_bytes=7))
+    assert f == {"step": 10, "total_steps": 100, "loss": 3.5, "tokens_per_s": 1e4, "eta_s": 90, "cache_bytes": 7,
+                 "heartbeat_at": NOW - 1.0}
