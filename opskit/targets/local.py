@@ -38,6 +38,14 @@ class LocalTarget(Target):
         finally:
             proc.terminate()
 
+    def prepare(self, on_line=print) -> None:
+        """Nothing to install here; make sure the trainer can start with this python."""
+        probe = subprocess.run([self.python, "-c", "import torch, tokenizers, numpy"], capture_output=True,
+                               text=True, timeout=120)
+        if probe.returncode != 0:
+            raise OpsError(f"{self.python} cannot run the trainer ({probe.stderr.strip().splitlines()[-1:]}); "
+                           f"install it with: pip install -e '.[train]'")
+
     def check(self) -> dict:
         usage = shutil.disk_usage(Path(self.workdir).parent if not Path(self.workdir).exists() else self.workdir)
         return {"reachable": True, "python": self.python, "free_disk_gb": round(usage.free / 2**30, 1),
