@@ -1,0 +1,96 @@
+"""Perplexity by evaluation length over contiguous chunks of the validation tokens.
+
+Produces the eval_per_length.json object of docs/run-directory.md. Every rank of an FSDP run must
+call `evaluate_lengths` with the same arguments (the chunks are chosen deterministically); rank 0
+writes the file.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+DEFAULT_LENGTHS = (2048, 4096, 8192, 12288, 16384, 32768)
+DEFAULT_CHUNKS = 10
+MODES = ("sequential", "random")
+
+
+def tokens_needed(length: int, chunks: int) -> int:
+    """Each chunk is `length` inputs plus the next token as the last target; chunks do not overlap."""
+    return chunks * length + 1
+
+
+def chunk_starts(n_tokens: int, length: int, chunks: int, mode: str, seed: int) -> list[int] | None:
+    """Start offsets of the chunks, or None when the validation set is too short for this length.
+
+    Both modes require tokens_needed(length, chunks) tokens, so a length is evaluated in both or in
+    neither. Random starts are drawn per length from a generator seeded with (seed, length).
+    """
+    if mode not in MODES:
+        raise ValueError(f"eval mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if n_tokens < tokens_needed(length, chunks):
+        return None
+    if mode == "sequential":
+        return [i * length for i in range(chunks)]
+    rng = np.random.default_rng([seed, length])
+    return sorted(int(s) for s in rng.integers(0, n_tokens - length, size=chunks))  # start + length < n
+
+
+def evaluate_lengths(
+    model: torch.nn.Module,
+    val_tokens: np.ndarray,
+    lengths: list[int] = DEFAULT_LENGTHS,
+    chunks: int = DEFAULT_CHUNKS,
+    mode: str = "sequential",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 1,
+) -> dict:
+    """{"mode", "chunks_requested", "lengths": {str(L): {loss, ppl, chunks, chunk_losses} | {skipped, reason}}}.
+
+    The model is called as model(inputs, targets, reduction="none") under torch.no_grad, with
+    autocast to `dtype` unless it is fp32 (an FSDP model's own mixed-precision policy applies as is).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = {"mode": mode, "chunks_requested": chunks, "lengths": {}}
+    try:
+        for length in lengths:
+            starts = chunk_starts(len(val_tokens), length, chunks, mode, seed)
+            if starts is None:
+                need = tokens_needed(length, chunks)
+                out["lengths"][str(length)] = {
+                    "skipped": True,
+                    "reason": f"need {need} validation tokens, have {len(val_tokens)}",
+                }
+                continue
+            losses = _chunk_losses(model, val_tokens, starts, length, device, dtype, batch_size)
+            mean = sum(losses) / len(losses)
+            out["lengths"][str(length)] = {
+                "loss": mean,
+                "ppl": math.exp(mean),
+                "chunks": len(losses),
+                "chunk_losses": losses,
+            }
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def _chunk_losses(model, val_tokens, starts, length, device, dtype, batch_size) -> list[float]:
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    )
+    losses = []
+    for b in range(0, len(starts), batch_size):
+        batch = np.stack([np.asarray(val_tokens[s : s + length + 1], dtype=np.int64) for s in starts[b : b + batch_size]])
+        batch = torch.from_numpy(batch).to(device)
+        with autocast:
+            token_losses = model(batch[:, :-1], batch[:, 1:], reduction="none")
+        losses.extend(token_losses.float().mean(dim=1).tolist())
+    return losses
