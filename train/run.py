@@ -56,7 +56,12 @@ class StopSignals:
             self._raise = True
 
 
+_LOG_RANK = {"rank": 0}  # set once the process group exists; only rank 0 logs progress
+
+
 def log(msg: str) -> None:
+    if _LOG_RANK["rank"] != 0:
+        return
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -227,9 +232,8 @@ def train_loop(spec, dist_info, model, optimizer, data, progress: Progress, tota
             curve.append(progress.step, tokens, loss_value, lr, grad_norm, tps)
             heartbeat.update(step=progress.step, tokens=tokens, loss=loss_value, tokens_per_s=tps, eta_s=eta,
                              message="training")
-            if dist_info.is_main:
-                log(f"step {progress.step}/{total_steps} loss {loss_value:.4f} lr {lr:.2e} "
-                    f"grad_norm {grad_norm:.3f} tok/s {tps:,.0f} ({window_s / window_steps * 1e3:.0f} ms/step)")
+            log(f"step {progress.step}/{total_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                f"grad_norm {grad_norm:.3f} tok/s {tps:,.0f} ({window_s / window_steps * 1e3:.0f} ms/step)")
             window_s, window_steps = 0.0, 0
         else:
             window_s += time.perf_counter() - t0
@@ -376,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     dist_info = init_distributed()
+    _LOG_RANK["rank"] = dist_info.rank
     heartbeat = Heartbeat(spec.out_dir, spec.attempt, enabled=dist_info.is_main).start()
     curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size "
+    log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size "
             f"{dist_info.world_size} ====")
     code, clean = EXIT_FAILED, True
     try:
