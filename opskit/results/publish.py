@@ -108,6 +108,10 @@ def publish(results_dir: Path, message: str | None = None, push: bool = True, ma
         raise PublishRefused(f"refusing to publish, nothing was committed: {'; '.join(offending)}")
     if not changed:
         raise PublishError(f"nothing to publish: {rel}/ has no new or changed files")
+    target = None
+    if push:  # before committing, so a missing remote leaves everything as it was
+        branch = repo.branch()
+        target = (repo.remote_for(branch), branch)
     repo.add(rel)
     files = repo.staged(rel)
     if not files:
@@ -119,9 +123,8 @@ def publish(results_dir: Path, message: str | None = None, push: bool = True, ma
         repo.unstage(rel)
         raise
     result = PublishResult(commit=commit, files=files, runs=runs, phases=phases)
-    if push:
-        branch = repo.branch()
-        remote = repo.remote_for(branch)
+    if target:
+        remote, branch = target
         try:
             repo.push(remote, branch)
         except OpsError as e:
