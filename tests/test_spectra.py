@@ -83,12 +83,17 @@ def test_hybrid_is_mix_of_named_spectra():
     np.testing.assert_allclose(inv_freq("hybrid_a0.2_t100k", 64), 0.8 * geo + 0.2 * poly, rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["geo", "geo_", "geo_abc", "anchpoly_p3_t100k", "hybrid_a2_t100k", "cosine_t10k", "geo_1"])
-def test_invalid_names_show_grammar(name):
-    with pytest.raises(SpectrumError) as err:
+@pytest.mark.parametrize("name", ["geo", "geo_", "geo_abc", "anchpoly_p3_t100k", "cosine_t10k", "GEO_10000"])
+def test_unknown_names_show_grammar(name):
+    with pytest.raises(SpectrumError, match="unknown spectrum") as err:
         inv_freq(name, 64)
-    if "unknown spectrum" in str(err.value):
-        assert "anchpoly_pP_omfOMF_tTHETA" in str(err.value)
+    assert "anchpoly_pP_omfOMF_tTHETA" in str(err.value) and "hybrid_aALPHA_tTHETA" in str(err.value)
+
+
+@pytest.mark.parametrize("name, message", [("hybrid_a2_t100k", "alpha"), ("geo_1", "theta"), ("anchpoly_p0_omf0.3_t100k", "> 0")])
+def test_invalid_values(name, message):
+    with pytest.raises(SpectrumError, match=message):
+        inv_freq(name, 64)
 
 
 def test_invalid_head_dim():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from train.presets import ModelConfig
+from train.spectra import Scaling, rope_parameters
 
 try:  # CUDA only; optional extra `flash`
     from flash_attn import flash_attn_func
@@ -162,10 +163,8 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     return torch.cat(parts)
 
 
-def build_model(cfg: ModelConfig, spectrum: str, scaling=None, device="cpu") -> GPT:
+def build_model(cfg: ModelConfig, spectrum: str, scaling: Scaling | None = None, device="cpu") -> GPT:
     """GPT for preset `cfg` with RoPE spectrum `spectrum` (train.spectra name) and optional Scaling."""
-    from train.spectra import rope_parameters
-
     inv_freq, attention_factor = rope_parameters(spectrum, cfg.head_dim, scaling)
     with torch.device(device):
         return GPT(cfg, inv_freq, attention_factor)
