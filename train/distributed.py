@@ -40,6 +40,7 @@ def init_distributed() -> DistInfo:
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (train/mfu.py assumes so)
     else:
         device = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
