@@ -130,16 +130,20 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _fmt(st: Stat | None, n_seeds: int, digits: int = 2) -> str:
     if st is None:
         return "–"
+    if st.n == 1:  # one seed: no spread to show
+        return f"{st.mean:.{digits}f}" if n_seeds == 1 else f"{st.mean:.{digits}f} (n=1)"
     text = f"{st.mean:.{digits}f} ± {st.std:.{digits}f}"
     return text if st.n == n_seeds else f"{text} (n={st.n})"
 
 
 def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-config table, as printed and written to Markdown."""
-    header = ["phase", "config", "seeds"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens/s"]
+    first = ["phase", "config"] if report.multi_phase else ["config"]
+    header = first + ["seeds"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens/s"]
     rows = []
     for s in report.summaries:
-        rows.append([s.phase, s.config, str(s.n)] + [_fmt(s.ppl.get(x), s.n) for x in report.lengths]
+        rows.append(([s.phase, s.config] if report.multi_phase else [s.config]) + [str(s.n)]
+                    + [_fmt(s.ppl.get(x), s.n) for x in report.lengths]
                     + [_fmt(s.final_loss, s.n, 3), _fmt(s.tokens_per_s, s.n, 0)])
     return header, rows
 
@@ -158,7 +162,8 @@ def markdown(report: Report, figure_notes: list[str] | None = None) -> str:
         res = r.results or {}
         run_table.append([r.name, r.state] + [f"{r.ppl[x]:.2f}" if x in r.ppl else "–" for x in report.lengths]
                          + [_num(res.get("final_train_loss"), 3), _num(res.get("tokens_seen"), 0), _num(res.get("tokens_per_s"), 0)])
-    parts = ["# Results summary", "",
+    phases = sorted({s.phase for s in report.summaries})
+    parts = [f"# Results summary: phase{'s' if len(phases) > 1 else ''} {', '.join(phases)}", "",
              "Mean ± population std over seeds; `(n=k)` marks a metric that fewer seeds reported.", "",
              "## Per config", "", _md_table(header, rows), "", "## Per run", "", _md_table(run_header, run_table), ""]
     missing = report.not_done

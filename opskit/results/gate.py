@@ -48,7 +48,7 @@ def apply_gate(store, raw_dir: Path, phase: str, matrix: str | None = None,
     m, ph = catalog.resolve_phase(phase, matrix, **kw)
     if not ph.gate:
         raise GateError(f"phase {ph.name} of matrix {m.name} has no gate rule")
-    configs = phase_configs(store, ph.name, m.name, **kw)
+    configs = phase_configs(store, ph.name, matrix, **kw)
     expected = [(ph.name, c, s) for c in configs for s in ph.seeds]
     runs = [r for r in add_expected(load_runs(raw_dir, ph.name), expected) if r.config in configs]
     incomplete = [f"{r.name} ({r.state})" for r in runs if r.state != "done"]
