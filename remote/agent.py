@@ -12,6 +12,14 @@ Each command prints one JSON document on stdout.
     agent.py manifest --workdir W --run R
     agent.py write   --workdir W --path REL          (stdin -> file, atomically)
     agent.py reset   --workdir W --run R             (move a finished run's directory to trash/)
+
+Queue operations (the queue itself lives in remote/supervisor.py, docs/queue.md):
+
+    agent.py enqueue --workdir W                     (stdin: {"entry": {...}, "config": {...}})
+    agent.py dequeue --workdir W --run R             (remove a run that has not started)
+    agent.py queue-move --workdir W --run R --top
+    agent.py queue-state --workdir W
+    agent.py ensure-supervisor --workdir W           (start the supervisor if work waits and none runs)
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ def start(workdir: str, run: str, cmd: list[str], env: dict[str, str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if _pid_alive(run_dir):
         raise SystemExit(json.dumps({"error": f"run {run} is already running on this target"}))
+    (run_dir / C.EXIT_CODE).unlink(missing_ok=True)  # a previous attempt's must not end this one
     full_env = {**os.environ, **env}
     with open(os.devnull, "rb") as null_in, open(run_dir / C.LOG, "ab") as log:
         proc = subprocess.Popen(["bash", str(DETACH), str(run_dir), *cmd], stdin=null_in, stdout=log,
@@ -160,6 +169,28 @@ def reset(workdir: str, run: str) -> dict:
     return {"moved_to": str(dest)}
 
 
+QUEUE_OPS = ("enqueue", "dequeue", "queue-move", "queue-state", "ensure-supervisor")
+
+
+def queue_op(a: argparse.Namespace) -> dict:
+    from remote import supervisor as S  # imports this module; loaded only for queue operations
+    try:
+        if a.op == "enqueue":
+            request = json.loads(sys.stdin.read())
+            return S.enqueue(a.workdir, request["entry"], request.get("config"))
+        if a.op == "dequeue":
+            return S.dequeue(a.workdir, a.run)
+        if a.op == "queue-move":
+            if not a.top:
+                raise S.QueueError("queue-move needs --top")
+            return S.move_top(a.workdir, a.run)
+        if a.op == "queue-state":
+            return S.state(a.workdir)
+        return S.ensure_running(a.workdir)
+    except S.QueueError as e:
+        raise SystemExit(json.dumps({"error": str(e)})) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmd: list[str] = []
@@ -167,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         i = argv.index("--")
         argv, cmd = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="agent.py")
-    p.add_argument("op", choices=["start", "observe", "signal", "tail", "manifest", "write", "reset"])
+    p.add_argument("op", choices=["start", "observe", "signal", "tail", "manifest", "write", "reset", *QUEUE_OPS])
     p.add_argument("runs", nargs="*")
     p.add_argument("--workdir", required=True)
     p.add_argument("--run")
@@ -176,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sig", default="TERM")
     p.add_argument("--lines", type=int, default=50)
     p.add_argument("--follow", action="store_true")
+    p.add_argument("--top", action="store_true")
     a = p.parse_args(argv)
     if a.op == "tail":
         return tail(a.workdir, a.run, a.lines, a.follow)
+    if a.op in QUEUE_OPS:
+        return print(json.dumps(queue_op(a)))
     if a.op == "start":
         result = start(a.workdir, a.run, cmd, dict(e.split("=", 1) for e in a.env))
     elif a.op == "observe":
