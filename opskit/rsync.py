@@ -28,8 +28,10 @@ def ssh_command(addr: Address) -> list[str]:
         cmd += ["-p", str(addr.port)]
     if addr.key:
         cmd += ["-i", os.path.expanduser(addr.key)]
+    # A new box's host key is accepted and remembered (as fabric's AutoAddPolicy does); a changed one is refused.
+    cmd += ["-o", "StrictHostKeyChecking=accept-new"]
     if addr.known_hosts:
-        cmd += ["-o", f"UserKnownHostsFile={addr.known_hosts}", "-o", "StrictHostKeyChecking=accept-new"]
+        cmd += ["-o", f"UserKnownHostsFile={addr.known_hosts}"]
     return cmd
 
 
