@@ -116,3 +116,25 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
 
     with pytest.raises(ReportError, match="no runs under"):
         make_report(tmp_path, None, None, CONFIGS)
+
+
+def test_report_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    shutil.copytree(FIXTURES / "raw", tmp_path / "raw")
+    code = ("import sys; from pathlib import Path; from opskit.results.report import make_report; "
+            "import opskit.results.publish, opskit.results.scaling, opskit.results.legacy_import; "
+            f"make_report(Path({str(tmp_path)!r}), 'fx', None, Path({str(CONFIGS)!r})); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_store_runs_never_pulled_are_listed(tmp_path):
+    shutil.copytree(FIXTURES / "raw", tmp_path / "raw")
+    store = Store(tmp_path / "state.db")
+    store.upsert_run({"name": "fx/geo_500k/s7", "phase": "fx", "config": "geo_500k", "seed": 7,
+                      "target": "local", "state": "running"}, reason="test")
+    out = make_report(tmp_path, "fx", store, CONFIGS)
+    assert {r.name: r.state for r in out.report.not_done}["fx/geo_500k/s7"] == "running"
