@@ -210,6 +210,9 @@ def test_same_spec_gives_same_curve_start(reference_run, cache_dir, tmp_path):
     ({"seq_len": "64"}, "seq_len"),
     ({"preset": "huge"}, "preset"),
     ({"rope": {"spectrum": "zigzag_1", "scaling": None}}, "rope.spectrum"),
+    ({"data": {"train": [{"dataset": "demo-storiez", "weight": 1.0}],
+               "validation": {"dataset": "demo-stories", "split": "validation", "max_tokens": 20000}}},
+     "data.train[0].dataset"),
 ])
 def test_bad_spec_exits_2_naming_the_field(cache_dir, tmp_path, overrides, field):
     out = tmp_path / "bad"

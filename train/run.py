@@ -96,6 +96,20 @@ def plan_model(spec: TrainSpec) -> ModelPlan:
     return ModelPlan(cfg, list(inv), float(attention_factor))
 
 
+def check_datasets(spec: TrainSpec) -> None:
+    """Every dataset of the spec is known and has the split asked for, or SpecError naming the field."""
+    from train.data.registry import DataError, get_dataset
+    wanted = [(f"data.train[{i}].dataset", part["dataset"], "train") for i, part in enumerate(spec.train_data)]
+    wanted.append(("data.validation.dataset", spec.validation["dataset"], spec.validation["split"]))
+    for field, name, split in wanted:
+        try:
+            info = get_dataset(name)
+        except DataError as e:
+            raise SpecError(f"spec field '{field}': {_reason(e)}") from None
+        if not info.has_split(split):
+            raise SpecError(f"spec field '{field}': dataset '{name}' has no split '{split}'")
+
+
 def _reason(e: Exception) -> str:
     return str(e.args[0]) if e.args else type(e).__name__
 
@@ -297,6 +311,7 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
     total_steps = check_world(spec, dist_info.world_size)
     heartbeat.update(total_steps=total_steps)
     plan = plan_model(spec)
+    check_datasets(spec)
     data = prepare_data(spec, dist_info, heartbeat)
     if data.vocab_size > plan.cfg.vocab_size:
         raise SpecError(f"spec field 'tokenizer': vocabulary {data.vocab_size} does not fit preset "
