@@ -84,9 +84,10 @@ def launch(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs, specs and commands; start nothing."),
     rerun: bool = typer.Option(False, "--rerun", help="Start done/failed runs again from scratch."),
     wait: bool = typer.Option(False, "--wait", help="Show live status until every launched run has ended."),
+    after: Optional[List[str]] = typer.Option(None, "--after", help="Start only once this run is done (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """Expand a phase into runs and start them detached on a target.
+    """Expand a phase into runs and queue them on a target (each starts detached as GPUs free up).
 
     Example: opskit launch demo --config hybrid_a0.2_t100k --seed 42
     """
@@ -94,7 +95,8 @@ def launch(
     console = _console()
     with _store() as store:
         result = operations.launch(store, phase, config, seed, target, matrix, rerun, dry_run,
-                                   on_event=lambda m: console.print(f"[dim]{m}[/dim]") if not as_json else None)
+                                   on_event=lambda m: console.print(f"[dim]{m}[/dim]") if not as_json else None,
+                                   after=after)
     if as_json:
         return _print_json(result)
     for r in result:
@@ -102,12 +104,14 @@ def launch(
             mark = "would start" if r["start"] else "refused"
             console.print(f"{mark}: [bold]{r['run']}[/bold] on {r['target']} ({r['reason']})")
             console.print(f"  command: {' '.join(r['command'])}")
+        elif r.get("queued"):
+            console.print(f"[green]queued[/green] {r['run']} on {r['target']} at position {r['position']}")
         elif r.get("started"):
             console.print(f"[green]started[/green] {r['run']} (attempt {r['attempt']}, pid {r.get('pid') or r.get('job_id')})")
         else:
             console.print(f"[yellow]not started[/yellow] {r['run']}: {r['reason']}")
     if wait and not dry_run:
-        started = [r["run"] for r in result if r.get("started")]
+        started = [r["run"] for r in result if r.get("started") or r.get("queued")]
         if started:
             _watch(phase=None, runs=started, until_ended=True)
 
@@ -144,6 +148,9 @@ def _status_table(rows: list[dict], health: dict):
                "training": "cyan", "tokenizing": "blue", "evaluating": "blue"}
     for r in rows:
         state = r["state"] + (" (stale)" if r["stale"] else "")
+        if r["state"] == "queued" and r.get("queue_pos"):  # position in the target's queue, estimated start
+            state += f" #{r['queue_pos']}" + (f" (starts ~{_fmt_duration(r['starts_in_s'])})"
+                                              if r.get("starts_in_s") is not None else "")
         c = colours.get(r["state"], "white")
         step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else (str(r["step"]) if r["step"] else "-")
         cache = _fmt_num(r["cache_bytes"], "B") if r["cache_bytes"] else "-"
@@ -624,6 +631,53 @@ def import_results(file: str = typer.Argument(..., help="An earlier study's resu
     if as_json:
         return _print_json({"imported": names})
     typer.echo(f"imported {len(names)} runs into {Path(results_dir) / 'raw' / phase}: {', '.join(names)}")
+
+
+# ====================================================================== queues
+
+
+@app.command()
+def queue(
+    words: Optional[List[str]] = typer.Argument(None, metavar="[TARGET] | move RUN --top",
+                                                help="A target name (default: every target), or `move RUN`."),
+    top: bool = typer.Option(False, "--top", help="With `move RUN`: put the run first in its queue."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Each target's queue: what runs on which GPUs, and what waits, in order (SLURM: its own queue).
+
+    Example: opskit queue box1
+    Example: opskit queue move p1/geo_500k/s42 --top
+    """
+    from opskit import operations
+    words = words or []
+    if words and words[0] == "move":
+        if len(words) != 2 or not top:
+            raise OpsError("usage: opskit queue move RUN --top")
+        with _store() as store:
+            result = operations.queue_move_top(store, words[1])
+        return _print_json(result) if as_json else typer.echo(f"{result['run']} is now #{result['position']}")
+    if len(words) > 1:
+        raise OpsError("usage: opskit queue [TARGET] or opskit queue move RUN --top")
+    with _store() as store:
+        result = operations.queue_view(store, words[0] if words else None)
+    if as_json:
+        return _print_json(result)
+    for q in result:
+        if q.get("error"):
+            typer.echo(f"{q['target']}: unreachable ({q['error']})")
+            continue
+        sup = q.get("supervisor") or {}
+        gpus = (q.get("config") or {}).get("gpus")
+        typer.echo(f"{q['target']} ({q['kind']}, {gpus or 'no'} GPUs"
+                   + (f", supervisor pid {sup['pid']})" if sup.get("alive") else ", supervisor idle)"))
+        for r in q.get("running", []):
+            where = f"GPUs {r['cuda_visible_devices']}" if r.get("cuda_visible_devices") else "CPU"
+            typer.echo(f"  running  {r['run']}  {where}  port {r.get('port')}  since {_fmt_age(r.get('started_at'))}")
+        for r in q.get("pending", []):
+            after = f"  after {', '.join(r['after'])}" if r.get("after") else ""
+            typer.echo(f"  #{r['position']:<6} {r['run']}  {r.get('units', '?')} GPU(s)  {r['waiting']}{after}")
+        if not q.get("running") and not q.get("pending"):
+            typer.echo("  (empty)")
 
 
 # === end of commands ===

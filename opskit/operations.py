@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from opskit import catalog, planning, states
+from opskit import queue as Q
 from opskit.errors import OpsError, unknown_name
 from opskit.store import Store
 from opskit.targets import Target, TargetUnreachable, open_target
@@ -63,8 +64,10 @@ def get_target(store: Store, name: str) -> Target:
 
 def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: list[int] | None = None,
            target: str = "local", matrix: str | None = None, rerun: bool = False, dry_run: bool = False,
-           on_event: Notify = _quiet) -> list[dict]:
-    """Expand the phase, refuse duplicates, prepare/sync the target once, start each run detached."""
+           on_event: Notify = _quiet, after: list[str] | None = None) -> list[dict]:
+    """Expand the phase, refuse duplicates, prepare/sync the target once, then queue each run on the
+    target (local/SSH: its supervisor starts it when GPUs free up) or start it (SLURM).
+    `after`: runs on the same target that must be done before these start."""
     m, ph = catalog.resolve_phase(phase, matrix)
     if not configs and ph.from_gate:
         configs = gate_survivors(store, m.name, ph.from_gate)
@@ -72,6 +75,7 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     existing = {p.name: store.get_run(p.name) for p in planned}
     decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
     tgt = get_target(store, target)
+    after = _check_after(store, tgt, after or [])
     out = []
     if dry_run:
         for d in decisions:
@@ -88,7 +92,7 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     for d in to_start:
         store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
                           "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
-                          "run_dir": tgt.run_dir(d.run.name),
+                          "run_dir": tgt.run_dir(d.run.name), "after": json.dumps(after) if after else None,
                           "spec": planning.build_spec(d.run, tgt.workdir, d.attempt)}, reason=d.reason)
     try:
         _set_state(store, [d.run.name for d in to_start], states.PREPARING, "preparing target")
@@ -99,12 +103,26 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         _set_state(store, [d.run.name for d in to_start], states.FAILED, f"target {target}: {e}")
         raise
     for d in to_start:
-        out.append(_start_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, on_event=on_event))
+        out.append(_start_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, on_event=on_event,
+                              after=after))
     return out
 
 
+def _check_after(store: Store, tgt: Target, after: list[str]) -> list[str]:
+    for dep in after:
+        row = store.require_run(dep)
+        if row["target"] != tgt.name:
+            raise OpsError(f"--after {dep}: it runs on {row['target']}, not {tgt.name}; "
+                           f"a run can only wait for runs on its own target")
+    if after and not tgt.has_queue:
+        raise OpsError(f"--after needs a target with an opskit queue (local, ssh); {tgt.name} is {tgt.kind}")
+    return list(after)
+
+
 def _command(tgt: Target, run: str) -> list[str]:
-    return planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), f"{tgt.run_dir(run)}/{C.SPEC}")
+    port = Q.PORT_PLACEHOLDER if tgt.has_queue else None  # the supervisor gives each run its own port
+    return planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), f"{tgt.run_dir(run)}/{C.SPEC}",
+                                    port=port)
 
 
 def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
@@ -112,18 +130,30 @@ def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
         store.update_run(r, state=state, reason=reason)
 
 
-def _start_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool, on_event: Notify) -> dict:
-    """Write the spec and start the trainer; a failure marks only this run failed."""
+def _start_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool, on_event: Notify,
+               after: list[str] | None = None) -> dict:
+    """Write the spec and queue (or start) the trainer; a failure marks only this run failed."""
     row = store.require_run(run)
     spec = {**row["spec"], "attempt": attempt}
     try:
         if fresh:
             tgt.agent_json(["reset", "--workdir", tgt.workdir, "--run", run])
         tgt.write_spec(run, spec)
-        started = tgt.start(run, _command(tgt, run), attempt)
+        if tgt.has_queue:
+            gpus = planning.procs_per_run(tgt.config) if tgt.gpus else None
+            queued = tgt.enqueue(run, _command(tgt, run), attempt, gpus=gpus, after=after or [])
+        else:
+            started = tgt.start(run, _command(tgt, run), attempt)
     except OpsError as e:
         store.update_run(run, state=states.FAILED, reason=f"start failed: {e}", ended_at=time.time())
         return {"run": run, "started": False, "reason": str(e)}
+    if tgt.has_queue:
+        store.update_run(run, state=states.QUEUED, reason=f"queued on {tgt.name} (attempt {attempt})",
+                         attempt=attempt, spec=spec, queue_pos=queued["position"], pid=None, job_id=None,
+                         started_at=None, ended_at=None, exit_code=None, cancel_requested=0, stale=0)
+        on_event(f"queued {run} on {tgt.name} at position {queued['position']} (attempt {attempt})")
+        return {"run": run, "started": False, "queued": True, "attempt": attempt, "target": tgt.name,
+                "position": queued["position"], "seq": queued["seq"], "supervisor": queued["supervisor"]}
     store.update_run(run, state=states.STARTING, reason=f"started attempt {attempt}", attempt=attempt,
                      spec=spec, pid=started.get("pid"), job_id=started.get("job_id"), started_at=time.time(),
                      ended_at=None, exit_code=None, cancel_requested=0, stale=0)
@@ -160,29 +190,48 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
     def observe(name: str):
         try:
             tgt = get_target(store, name)
-            return tgt, tgt.observe([r["name"] for r in by_target[name]]), None
+            # the queue first: a dead supervisor is restarted before its runs are looked at
+            queue = tgt.queue_state(ensure=True) if tgt.has_queue else None
+            return tgt, tgt.observe([r["name"] for r in by_target[name]]), queue, None
         except (TargetUnreachable, OpsError, OSError) as e:
-            return None, None, str(e)
+            return None, None, None, str(e)
 
     health: dict[str, str | None] = {}
     with ThreadPoolExecutor(max_workers=min(16, len(by_target))) as pool:
         results = list(pool.map(observe, by_target))
-    for name, (tgt, observations, error) in zip(by_target, results):
+    for name, (tgt, observations, queue, error) in zip(by_target, results):
         health[name] = error
         for r in by_target[name]:
             if error is not None:
                 if not r["stale"]:
                     store.update_run(r["name"], stale=1)
                 continue
-            _apply(store, r, observations[r["name"]], tgt)
+            _apply(store, r, observations[r["name"]], tgt, _queue_fields(queue, r["name"]))
     return health
 
 
-def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target) -> None:
+def _queue_fields(queue: dict | None, run: str) -> dict:
+    """queue_pos / gpus / started_at of a run from its target's queue state."""
+    if queue is None:
+        return {}
+    for e in queue["pending"]:
+        if e["run"] == run:
+            return {"queue_pos": e["position"], "message": e["waiting"]}
+    for e in queue["running"] + queue["finished"]:
+        if e["run"] == run:
+            return {"queue_pos": None, "gpus": e.get("cuda_visible_devices"), "started_at": e.get("started_at")}
+    return {"queue_pos": None}
+
+
+def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target, queue_fields: dict | None = None) -> None:
     state, reason = states.derive_state(obs, float(tgt.config.get("stall_after_s", states.DEFAULT_STALL_AFTER_S)))
     if row["state"] in (states.QUEUED, states.PREPARING, states.SYNCING) and not obs.started:
         state = row["state"]  # not handed to the trainer yet
-    fields = {**states.progress_fields(obs.status), "stale": 0, "exit_code": obs.exit_code}
+    fields = {**(queue_fields or {}), **states.progress_fields(obs.status), "stale": 0, "exit_code": obs.exit_code}
+    if not obs.started:
+        fields.pop("started_at", None)
+    elif not row.get("started_at") and not fields.get("started_at"):
+        fields["started_at"] = time.time()
     if state in states.ENDED and row["state"] not in states.ENDED:
         fields["ended_at"] = time.time()
     store.update_run(row["name"], state=state, reason=reason, **fields)
@@ -191,13 +240,39 @@ def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target) -> Non
 def status_rows(store: Store, phase: str | None = None) -> list[dict]:
     """Rows for `status`: the store's runs with the fields scripts rely on."""
     out = []
-    for r in store.list_runs(phase=phase):
+    rows = store.list_runs(phase=phase)
+    starts = _estimated_starts(store, {r["target"] for r in rows if r["state"] == states.QUEUED})
+    for r in rows:
         out.append({"run": r["name"], "phase": r["phase"], "config": r["config"], "seed": r["seed"],
                     "target": r["target"], "attempt": r["attempt"], "state": r["state"], "stale": r["stale"],
                     "step": r["step"], "total_steps": r["total_steps"], "loss": r["loss"],
                     "tokens_per_s": r["tokens_per_s"], "eta_s": r["eta_s"], "cache_bytes": r["cache_bytes"],
                     "cache_tokens": r["cache_tokens"], "updated_at": r["heartbeat_at"] or r["updated_at"],
-                    "message": r["message"], "exit_code": r["exit_code"], "job_id": r["job_id"]})
+                    "message": r["message"], "exit_code": r["exit_code"], "job_id": r["job_id"],
+                    "queue_pos": r["queue_pos"] if r["state"] == states.QUEUED else None, "gpus": r["gpus"],
+                    "starts_in_s": starts.get(r["name"])})
+    return out
+
+
+def _estimated_starts(store: Store, targets: set[str]) -> dict[str, float | None]:
+    """Seconds until each queued run starts, from its target's running runs' ETAs (docs/queue.md)."""
+    out: dict[str, float | None] = {}
+    now = time.time()
+    for name in targets:
+        rec = local_target_record(store) if name == "local" else store.get_target(name)
+        if rec is None or rec["kind"] == "slurm":
+            continue
+        config = rec["config"]
+        rows = store.list_runs(target=name)
+        running = [(len(r["gpus"].split(",")) if r["gpus"] else Q.units_per_run(config),
+                    Q.remaining_s(r["eta_s"], r["heartbeat_at"], now))
+                   for r in rows if r["state"] in states.ACTIVE]
+        queued = sorted((r for r in rows if r["state"] == states.QUEUED and r["queue_pos"]),
+                        key=lambda r: r["queue_pos"])
+        durations = Q.durations_by_phase(rows, now)
+        out.update(Q.estimate_start_times(Q.slot_count(config), running,
+                                          [(r["name"], Q.units_per_run(config), durations.get(r["phase"]))
+                                           for r in queued]))
     return out
 
 
@@ -214,12 +289,48 @@ def cancel(store: Store, runs: list[str]) -> list[dict]:
             continue
         tgt = get_target(store, row["target"])
         store.update_run(name, cancel_requested=1)
+        if tgt.has_queue and tgt.dequeue(name)["removed"]:
+            store.update_run(name, state=states.CANCELLED, reason="removed from the target's queue",
+                             queue_pos=None, ended_at=time.time())
+            out.append({"run": name, "cancelled": True, "removed_from_queue": True})
+            continue
         answer = tgt.signal(name, "TERM")
         if not answer.get("signalled") and row["state"] in (states.QUEUED,):
             store.update_run(name, state=states.CANCELLED, reason="cancelled before it started",
                              ended_at=time.time())
         out.append({"run": name, "cancelled": True, **answer})
     return out
+
+
+# ------------------------------------------------------------------ queues
+
+
+def queue_view(store: Store, target: str | None = None) -> list[dict]:
+    """Each target's queue: what runs (with its GPUs) and what waits, in order (SLURM: its own queue).
+
+    A dead supervisor with work left is restarted on the way."""
+    names = [target] if target else ["local", *[t["name"] for t in store.list_targets() if t["name"] != "local"]]
+    out = []
+    for name in names:
+        tgt = get_target(store, name)
+        try:
+            state = tgt.queue_state(ensure=True)
+        except (TargetUnreachable, OpsError, OSError) as e:
+            out.append({"target": name, "kind": tgt.kind, "error": str(e)})
+            continue
+        out.append({"target": name, "kind": tgt.kind, **state})
+    return out
+
+
+def queue_move_top(store: Store, run: str) -> dict:
+    """Put a queued run first in its target's queue."""
+    row = store.require_run(run)
+    tgt = get_target(store, row["target"])
+    if not tgt.has_queue:
+        raise OpsError(f"{run} is on {tgt.name} ({tgt.kind}), whose queue opskit does not order")
+    answer = tgt.queue_move_top(run)
+    store.update_run(run, queue_pos=answer["position"])
+    return answer
 
 
 def resume(store: Store, run: str, target: str | None = None, on_event: Notify = _quiet) -> dict:

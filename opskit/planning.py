@@ -48,11 +48,15 @@ def build_spec(p: PlannedRun, workdir: str, attempt: int) -> dict:
     }
 
 
-def trainer_command(python: str, nproc: int, spec_path: str, nnodes: int = 1, rdzv: str | None = None) -> list[str]:
-    """torchrun for one node (standalone rendezvous) or several (c10d rendezvous at `rdzv` host:port)."""
+def trainer_command(python: str, nproc: int, spec_path: str, nnodes: int = 1, rdzv: str | None = None,
+                    port: int | str | None = None) -> list[str]:
+    """torchrun for one node (standalone rendezvous, or a fixed local `port` so that runs packed on one
+    box never share one) or several (c10d rendezvous at `rdzv` host:port)."""
     cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={max(nproc, 1)}"]
     if nnodes > 1:
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv}", "--rdzv_id=opskit"]
+    elif port is not None:
+        cmd += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "train.run", "--spec", spec_path]

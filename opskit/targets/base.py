@@ -19,6 +19,7 @@ class TargetUnreachable(OpsError):
 
 class Target(ABC):
     kind = "?"
+    has_queue = True  # runs wait in the target's own queue (remote/supervisor.py); SLURM uses its own
 
     def __init__(self, name: str, config: dict):
         self.name = name
@@ -118,6 +119,33 @@ class Target(ABC):
             yield from self.agent_stream(args + ["--follow"])
         else:
             yield self.agent(args)
+
+    # -- the target's queue (docs/queue.md)
+    def queue_config(self) -> dict:
+        """What the supervisor shares out: GPU count (may be a fake one), GPUs per run, limits."""
+        keys = ("gpus_per_run", "max_parallel", "base_port", "idle_exit_s", "poll_s")
+        return {"gpus": self.gpus, **{k: self.config[k] for k in keys if self.config.get(k) is not None}}
+
+    def enqueue(self, run: str, command: list[str], attempt: int, gpus: int | None = None,
+                after: list[str] | tuple[str, ...] = (), extra_env: dict | None = None) -> dict:
+        """Queue a run; the supervisor starts it when its GPUs are free and its `after` runs are done."""
+        entry = {"run": run, "command": command, "env": {**self.trainer_env(attempt), **(extra_env or {})},
+                 "gpus": gpus, "after": list(after), "attempt": attempt}
+        return self.agent_json(["enqueue", "--workdir", self.workdir],
+                               stdin=json.dumps({"entry": entry, "config": self.queue_config()}))
+
+    def ensure_supervisor(self) -> dict:
+        return self.agent_json(["ensure-supervisor", "--workdir", self.workdir])
+
+    def queue_state(self, ensure: bool = False) -> dict:
+        """Running and pending entries (in order, with why each waits); `ensure` restarts a dead supervisor."""
+        return self.agent_json(["queue-state", "--workdir", self.workdir, *(["--ensure"] if ensure else [])])
+
+    def dequeue(self, run: str) -> dict:
+        return self.agent_json(["dequeue", "--workdir", self.workdir, "--run", run])
+
+    def queue_move_top(self, run: str) -> dict:
+        return self.agent_json(["queue-move", "--workdir", self.workdir, "--run", run, "--top"])
 
     def manifest(self, run: str) -> list[dict]:
         return self.agent_json(["manifest", "--workdir", self.workdir, "--run", run])["files"]
