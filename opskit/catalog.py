@@ -34,6 +34,7 @@ class Phase:
     from_gate: str | None = None  # the phase whose gate decides which configs run here
     kind: str = "train"  # train | downstream
     after: str | None = None  # downstream phases evaluate this phase's runs
+    preset: str | None = None  # overrides the matrix's model (scaling studies vary the size by phase)
 
 
 @dataclass(frozen=True)
@@ -255,9 +256,10 @@ def _load_phase(v: _Validator, m: Matrix, name: str, body: Any) -> Phase:
             v.fail(f"{where}.gate", "expected {metric_length: L, max_rel_above_best: F}")
         v.get(gate, "metric_length", f"{where}.gate", int)
         v.get(gate, "max_rel_above_best", f"{where}.gate", float)
+    preset = v.get(body, "preset", where, str, required=False)
     return Phase(name=name, configs=tuple(configs), seeds=tuple(seeds), token_fraction=fraction,
                  eval_lengths=tuple(lengths) if lengths else None, gate=gate, from_gate=from_gate,
-                 kind=kind, after=body.get("after"))
+                 kind=kind, after=body.get("after"), preset=preset)
 
 
 # ---------------------------------------------------------------- lookup
@@ -323,7 +325,7 @@ def expand(m: Matrix, phase: Phase, configs: list[str] | None = None, seeds: lis
     for config in chosen:
         for seed in chosen_seeds:
             settings = {
-                "matrix": m.name, "preset": m.preset, "tokenizer": m.tokenizer,
+                "matrix": m.name, "preset": phase.preset or m.preset, "tokenizer": m.tokenizer,
                 "rope": {"spectrum": config, "scaling": None},
                 "data": {"train": [dict(s) for s in m.data["train"]], "validation": dict(m.data["validation"])},
                 "train_tokens": tokens,
