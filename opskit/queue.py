@@ -143,3 +143,22 @@ def estimate_start_times(slots: int, running: list[tuple[int, float | None]],
 def positions(entries: list[dict]) -> dict[str, int]:
     """1-based queue position of each pending run."""
     return {e["run"]: i for i, e in enumerate(order(entries), start=1)}
+
+
+def remaining_s(eta_s: float | None, heartbeat_at: float | None, now: float) -> float | None:
+    """A running run's ETA counted from `now` (the heartbeat gave it at `heartbeat_at`)."""
+    if eta_s is None:
+        return None
+    return max(0.0, float(eta_s) - max(0.0, now - float(heartbeat_at or now)))
+
+
+def durations_by_phase(rows: list[dict], now: float) -> dict[str, float]:
+    """Expected wall time of a run per phase: mean of finished runs, else of running ones (elapsed + ETA)."""
+    done: dict[str, list[float]] = {}
+    live: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("started_at") and r.get("ended_at") and r.get("state") == "done":
+            done.setdefault(r["phase"], []).append(r["ended_at"] - r["started_at"])
+        elif r.get("started_at") and r.get("eta_s") is not None and not r.get("ended_at"):
+            live.setdefault(r["phase"], []).append(now - r["started_at"] + float(r["eta_s"]))
+    return {phase: sum(v) / len(v) for phase, v in {**live, **done}.items()}

@@ -18,7 +18,7 @@ Queue operations (the queue itself lives in remote/supervisor.py, docs/queue.md)
     agent.py enqueue --workdir W                     (stdin: {"entry": {...}, "config": {...}})
     agent.py dequeue --workdir W --run R             (remove a run that has not started)
     agent.py queue-move --workdir W --run R --top
-    agent.py queue-state --workdir W
+    agent.py queue-state --workdir W [--ensure]       (--ensure: restart a dead supervisor first)
     agent.py ensure-supervisor --workdir W           (start the supervisor if work waits and none runs)
 """
 from __future__ import annotations
@@ -185,7 +185,8 @@ def queue_op(a: argparse.Namespace) -> dict:
                 raise S.QueueError("queue-move needs --top")
             return S.move_top(a.workdir, a.run)
         if a.op == "queue-state":
-            return S.state(a.workdir)
+            supervisor = S.ensure_running(a.workdir) if a.ensure else None
+            return {**S.state(a.workdir), **({"ensured": supervisor} if supervisor else {})}
         return S.ensure_running(a.workdir)
     except S.QueueError as e:
         raise SystemExit(json.dumps({"error": str(e)})) from None
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lines", type=int, default=50)
     p.add_argument("--follow", action="store_true")
     p.add_argument("--top", action="store_true")
+    p.add_argument("--ensure", action="store_true")
     a = p.parse_args(argv)
     if a.op == "tail":
         return tail(a.workdir, a.run, a.lines, a.follow)
