@@ -1,0 +1,107 @@
+"""How long `opskit status` (operations.refresh) takes over many SSH targets versus one.
+
+10 SSH targets (each its own private sshd on 127.0.0.1 by default, or one shared sshd with
+--shared-server) x 5 runs each: `sleep` processes started through agent.py start, with a
+status.json heartbeat written by this script. Prints the wall time of refresh over all targets and
+over one target alone (cold: first contact, new connections; warm: median of reused connections),
+and opskit's own CPU time. Every "box" here shares this machine's cores, so the remote agents'
+CPU (~0.1 s per agent call) adds up here as it would not on real, separate boxes.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_status_ssh.py [--targets 10] [--runs 5] [--repeat 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import sshd  # noqa: E402
+
+from opskit import operations, ssh_connection  # noqa: E402
+from opskit.store import Store  # noqa: E402
+from train import contract as C  # noqa: E402
+
+
+def setup(store: Store, servers: list, n_targets: int, n_runs: int, work: Path) -> list:
+    """Targets and their runs; returns (target, run) pairs."""
+    started = []
+    for t in range(n_targets):
+        server = servers[t % len(servers)]
+        name = f"box{t}"
+        operations.add_target(store, name, "ssh", server.target_options("root", str(work / name)))
+        box = operations.get_target(store, name)
+        box.sync()
+        for r in range(n_runs):
+            run = f"bench/sleep{r}/s{t}"
+            box.start(run, ["sleep", "600"], attempt=1)
+            C.atomic_write_json(Path(box.run_dir(run)) / C.STATUS, {
+                "state": "training", "attempt": 1, "updated_at": time.time() + 3600, "step": r, "total_steps": 100,
+                "tokens": 0, "loss": 3.0, "tokens_per_s": 1000.0, "eta_s": 60.0})
+            store.upsert_run({"name": run, "phase": "bench", "config": f"sleep{r}", "seed": t, "target": name,
+                              "attempt": 1, "state": "starting", "run_dir": box.run_dir(run)}, reason="bench")
+            started.append((box, run))
+    return started
+
+
+def time_refresh(store: Store, repeat: int) -> tuple[float, float, float]:
+    """(cold, warm median, warm client CPU median) seconds; cold starts with no pooled connection."""
+    ssh_connection.close_all()
+    t0 = time.perf_counter()
+    health = operations.refresh(store)
+    cold = time.perf_counter() - t0
+    assert all(v is None for v in health.values()), health
+    warm, cpu = [], []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        operations.refresh(store)
+        warm.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return cold, statistics.median(warm), statistics.median(cpu)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", type=int, default=10)
+    p.add_argument("--runs", type=int, default=5, help="runs per target")
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--shared-server", action="store_true", help="every target on one sshd (one pooled connection)")
+    a = p.parse_args()
+    servers = [sshd.SSHServer() for _ in range(1 if a.shared_server else a.targets)]
+    started: list = []
+    with tempfile.TemporaryDirectory(prefix="opskit-bench-") as tmp:
+        work = Path(tmp)
+        try:
+            for s in servers:
+                s.start()
+            with Store(work / "all.db") as all_store, Store(work / "one.db") as one_store:
+                started = setup(all_store, servers, a.targets, a.runs, work / "all")
+                started += setup(one_store, servers[:1], 1, a.runs, work / "one")
+                cold_all, warm_all, cpu_all = time_refresh(all_store, a.repeat)
+                cold_one, warm_one, cpu_one = time_refresh(one_store, a.repeat)
+                states = {r["state"] for r in all_store.list_runs()}
+                assert states == {"training"}, states
+        finally:
+            for box, run in started:
+                box.signal(run, "KILL")
+            ssh_connection.close_all()
+            for s in servers:
+                s.cleanup()
+    layout = "one shared sshd" if a.shared_server else f"{len(servers)} sshd servers"
+    print(json.dumps({"targets": a.targets, "runs_per_target": a.runs, "layout": layout,
+                      "refresh_all_cold_s": round(cold_all, 3), "refresh_one_cold_s": round(cold_one, 3),
+                      "refresh_all_warm_s": round(warm_all, 3), "refresh_one_warm_s": round(warm_one, 3),
+                      "ratio_cold": round(cold_all / cold_one, 2), "ratio_warm": round(warm_all / warm_one, 2),
+                      "opskit_cpu_all_warm_s": round(cpu_all, 3), "opskit_cpu_one_warm_s": round(cpu_one, 3)},
+                     indent=1))
+    print(f"refresh over {a.targets} SSH targets x {a.runs} runs ({layout}): warm {warm_all * 1000:.0f} ms vs one "
+          f"target {warm_one * 1000:.0f} ms (x{warm_all / warm_one:.2f}); cold {cold_all * 1000:.0f} ms vs "
+          f"{cold_one * 1000:.0f} ms (x{cold_all / cold_one:.2f})")
+
+
+if __name__ == "__main__":
+    main()
