@@ -187,9 +187,18 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
     if not by_target:
         return {}
 
+    resolved: dict[str, Target | str] = {}
+    for name in by_target:  # in this thread: the store's connection belongs to it
+        try:
+            resolved[name] = get_target(store, name)
+        except OpsError as e:
+            resolved[name] = str(e)
+
     def observe(name: str):
         try:
-            tgt = get_target(store, name)
+            tgt = resolved[name]
+            if isinstance(tgt, str):
+                raise OpsError(tgt)
             # the queue first: a dead supervisor is restarted before its runs are looked at
             queue = tgt.queue_state(ensure=True) if tgt.has_queue else None
             return tgt, tgt.observe([r["name"] for r in by_target[name]]), queue, None
