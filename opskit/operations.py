@@ -350,15 +350,27 @@ def resume(store: Store, run: str, target: str | None = None, on_event: Notify =
         raise OpsError(f"{run} is {row['state']}; only a failed, lost, cancelled or stalled run can be resumed")
     if row["state"] == states.DONE:
         raise OpsError(f"{run} is done; use `opskit launch ... --rerun` to train it again")
-    if target and target != row["target"]:
-        raise OpsError(f"resuming on another target than {row['target']} needs its checkpoint there; "
-                       f"copy <workdir>/runs/{run}/ckpt to the new target first (not automated yet)")
     tgt = get_target(store, row["target"])
     if row["state"] == states.STALLED:
         tgt.signal(run, "KILL")
+    if target and target != row["target"]:
+        tgt = _move_run(store, row, tgt, get_target(store, target), on_event)
     tgt.prepare(on_line=on_event)
     tgt.sync()
     return _start_one(store, tgt, run, row["attempt"] + 1, fresh=False, on_event=on_event)
+
+
+def _move_run(store: Store, row: dict, src: Target, dst: Target, on_event: Notify) -> Target:
+    """Copy the run's newest complete checkpoint to `dst` (through this machine) and point the run there."""
+    import tempfile
+
+    from opskit import rsync
+    with tempfile.TemporaryDirectory(prefix="opskit-move-") as scratch:
+        step = rsync.copy_run_for_resume(src, dst, row["name"], Path(scratch))
+    spec = {**row["spec"], "cache_dir": f"{dst.workdir}/cache", "out_dir": dst.run_dir(row["name"])}
+    store.update_run(row["name"], target=dst.name, run_dir=dst.run_dir(row["name"]), spec=spec)
+    on_event(f"copied {row['name']} {step} from {src.name} to {dst.name}")
+    return dst
 
 
 def logs(store: Store, run: str, lines: int = 50, follow: bool = False):

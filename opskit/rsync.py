@@ -5,6 +5,7 @@ The argv builders are pure; `rsync()` runs one and turns a failure into a one-li
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from opskit.errors import OpsError
 from opskit.ssh_connection import CONNECT_TIMEOUT_S, Address
 from opskit.targets.base import TargetUnreachable
+from train import contract as C
 
 # What a box needs to run the trainer; never results/, caches, checkpoints, state.db, .git, venvs.
 CODE_PATHS = ("opskit", "train", "remote", "configs", "pyproject.toml")
@@ -54,15 +56,7 @@ def fetch_argv(addr: Address, run_dir: str, dest: Path) -> list[str]:
             "-e", shlex.join(ssh_command(addr)), remote(addr, run_dir.rstrip("/") + "/"), str(dest) + "/"]
 
 
-def copy_dir_argv(src: str, dest: str, addr: Address | None) -> list[str]:
-    """Mirror a directory (a checkpoint) between here and a box; `src`/`dest` already carry host: prefixes."""
-    argv = ["rsync", "-a", "--partial", "--mkpath"]
-    if addr is not None:
-        argv += ["-e", shlex.join(ssh_command(addr))]
-    return argv + [src.rstrip("/") + "/", dest.rstrip("/") + "/"]
-
-
-def rsync(argv: list[str], addr: Address, cwd: Path | None = None, stdin: str | None = None,
+def rsync(argv: list[str], addr: Address | str, cwd: Path | None = None, stdin: str | None = None,
           timeout: float = 3600) -> None:
     try:
         proc = subprocess.run(argv, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout)
@@ -76,3 +70,47 @@ def rsync(argv: list[str], addr: Address, cwd: Path | None = None, stdin: str | 
     if proc.returncode in RSYNC_UNREACHABLE:
         raise TargetUnreachable(f"{addr} unreachable (rsync): {why}")
     raise OpsError(f"{addr}: rsync failed: {why}")
+
+
+# ------------------------------------------------------------------ moving a run between targets
+
+
+def endpoint(target, path: str) -> tuple[str, list[str]]:
+    """rsync's name for a path on a target, and the `-e` option it needs (none on this machine)."""
+    addr = getattr(target, "address", None)
+    if addr is None:
+        return path, []
+    return remote(addr, path), ["-e", shlex.join(ssh_command(addr))]
+
+
+def latest_checkpoint(target, run: str) -> str | None:
+    """Name (step_<N>) of the run's newest checkpoint holding the `.complete` marker, or None."""
+    src, e = endpoint(target, f"{target.run_dir(run)}/{C.CKPT_DIR}/")
+    argv = ["rsync", "-r", "--list-only", *e, "--include=step_*/", f"--include=step_*/{C.CKPT_COMPLETE_MARKER}",
+            "--exclude=*", src]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if proc.returncode == 23 and "No such file" in proc.stderr:
+        return None
+    if proc.returncode != 0:
+        rsync(argv, target.name)  # raises with rsync's reason
+    steps = [int(m.group(1)) for line in proc.stdout.splitlines()
+             if (m := re.search(rf"step_(\d+)/{re.escape(C.CKPT_COMPLETE_MARKER)}$", line))]
+    return f"step_{max(steps)}" if steps else None
+
+
+def copy_run_for_resume(src, dst, run: str, scratch: Path) -> str:
+    """Copy the newest complete checkpoint of `run` (plus its loss curve, log and spec) from target `src`
+    to target `dst` through `scratch` on this machine. `.complete` goes last: an interrupted copy never
+    looks like a checkpoint. Returns the step directory's name."""
+    step = latest_checkpoint(src, run)
+    if step is None:
+        raise OpsError(f"{run} has no complete checkpoint on {src.name} to resume from")
+    run_src, e_src = endpoint(src, src.run_dir(run))
+    run_dst, e_dst = endpoint(dst, dst.run_dir(run))
+    ckpt = f"{C.CKPT_DIR}/{step}"
+    rsync(["rsync", "-a", "--partial", "--mkpath", *e_src, f"{run_src}/{ckpt}/", f"{scratch}/{ckpt}/"], src.name)
+    rsync(["rsync", "-a", "--ignore-missing-args", "--files-from=-", *e_src, f"{run_src}/", f"{scratch}/"], src.name,
+          stdin="".join(f"{n}\n" for n in (C.LOSS_CURVE, C.LOG, C.SPEC)))
+    for extra in ([f"--exclude={C.CKPT_COMPLETE_MARKER}"], []):
+        rsync(["rsync", "-a", "--partial", "--mkpath", *extra, *e_dst, f"{scratch}/", f"{run_dst}/"], dst.name)
+    return step
