@@ -7,6 +7,7 @@ Every command is sent with `SHLVL=1` (needs `AcceptEnv SHLVL` on the server): ba
 """
 from __future__ import annotations
 
+import codecs
 import os
 import select
 import socket
@@ -169,6 +170,7 @@ def run(addr: Address, command: str, stdin: str | None = None, timeout: float = 
 def stream(addr: Address, command: str) -> Iterator[str]:
     """Yield the command's stdout as it arrives until it exits; closing the generator closes the channel."""
     chan = _open_channel(addr)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
     try:
         chan.exec_command(command)
         chan.shutdown_write()
@@ -176,7 +178,7 @@ def stream(addr: Address, command: str) -> Iterator[str]:
             data = chan.recv(65536)
             if not data:
                 return
-            yield data.decode(errors="replace")
+            yield decoder.decode(data)
     except (paramiko.SSHException, OSError, EOFError) as e:
         raise TargetUnreachable(f"{addr}: connection lost while streaming: {e or type(e).__name__}") from None
     finally:
