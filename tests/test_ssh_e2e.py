@@ -86,3 +86,31 @@ def test_demo_run_over_ssh_survives_sshd_restart_and_pulls_no_weights(tmp_path):
     manifest = json.loads((dest / "manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} == names - {"manifest.json"}
     assert json.loads((dest / "results.json").read_text())["run"] == RUN
+
+
+def test_cancelled_run_resumes_on_another_ssh_target(tmp_path):
+    """Cancel on box a after a checkpoint, `resume --target b`: the newest complete checkpoint moves,
+    the run finishes on b with one continuous loss curve."""
+    server = sshd.server()
+    state = tmp_path / "state.db"
+    with Store(state) as store:
+        for name in ("a", "b"):
+            operations.add_target(store, name, "ssh", server.target_options(
+                "root", str(tmp_path / name), base_python=sys.executable, system_site_packages=True))
+    opskit(state, "launch", "demo", "--config", "hybrid_a0.2_t100k", "--seed", "42", "--target", "a")
+    ckpt = tmp_path / "a" / "runs" / RUN / "ckpt"
+    deadline = time.monotonic() + 400
+    while not list(ckpt.glob("step_*/.complete")):
+        assert time.monotonic() < deadline, "no checkpoint on a"
+        assert run_row(state)["state"] not in ("failed", "lost", "done")
+        time.sleep(1)
+    opskit(state, "cancel", RUN)
+    row = wait_for(state, lambda r: r["state"] == "cancelled", 120, "cancelled")
+    assert row["exit_code"] == 75
+
+    out = opskit(state, "resume", RUN, "--target", "b").stdout
+    assert "copied" in out and "step_" in out
+    row = wait_for(state, lambda r: r["state"] == "done", 480, "done on b")
+    assert row["target"] == "b" and row["attempt"] == 2
+    curve = [json.loads(line)["step"] for line in (tmp_path / "b" / "runs" / RUN / "loss_curve.jsonl").open()]
+    assert curve == sorted(set(curve)) and curve[0] < 50, curve
