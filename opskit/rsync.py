@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from opskit.errors import OpsError
+from opskit import ssh_connection
 from opskit.ssh_connection import CONNECT_TIMEOUT_S, Address
 from opskit.targets.base import TargetUnreachable
 from train import contract as C
@@ -44,7 +45,7 @@ def remote(addr: Address, path: str) -> str:
 
 def sync_code_argv(addr: Address, project_root: Path, code_dir: str) -> list[str]:
     """Mirror CODE_PATHS into code_dir (--delete inside them only; pip's egg-info beside them stays)."""
-    argv = ["rsync", "-az", "--delete", "--relative", "--mkpath", "-e", shlex.join(ssh_command(addr))]
+    argv = ["rsync", "-az", "--delete", "--relative", "-e", shlex.join(ssh_command(addr))]
     argv += [f"--exclude={p}" for p in CODE_EXCLUDES]
     argv += [f"./{p}" for p in CODE_PATHS if (project_root / p).exists()]
     return argv + [remote(addr, code_dir.rstrip("/") + "/")]
@@ -83,6 +84,17 @@ def endpoint(target, path: str) -> tuple[str, list[str]]:
     return remote(addr, path), ["-e", shlex.join(ssh_command(addr))]
 
 
+def make_dir(target, path: str) -> None:
+    """mkdir -p on a target (rsync's --mkpath needs rsync >= 3.2.3 on the box; Ubuntu 20.04 has 3.1.3)."""
+    addr = getattr(target, "address", None)
+    if addr is None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return
+    res = ssh_connection.run(addr, f"mkdir -p {shlex.quote(path)}", timeout=60)
+    if res.exit_code != 0:
+        raise OpsError(f"{addr}: cannot create {path}: {res.stderr.strip()[-200:]}")
+
+
 def latest_checkpoint(target, run: str) -> str | None:
     """Name (step_<N>) of the run's newest checkpoint holding the `.complete` marker, or None."""
     src, e = endpoint(target, f"{target.run_dir(run)}/{C.CKPT_DIR}/")
@@ -108,9 +120,11 @@ def copy_run_for_resume(src, dst, run: str, scratch: Path) -> str:
     run_src, e_src = endpoint(src, src.run_dir(run))
     run_dst, e_dst = endpoint(dst, dst.run_dir(run))
     ckpt = f"{C.CKPT_DIR}/{step}"
-    rsync(["rsync", "-a", "--partial", "--mkpath", *e_src, f"{run_src}/{ckpt}/", f"{scratch}/{ckpt}/"], src.name)
+    (scratch / ckpt).mkdir(parents=True, exist_ok=True)
+    rsync(["rsync", "-a", "--partial", *e_src, f"{run_src}/{ckpt}/", f"{scratch}/{ckpt}/"], src.name)
     rsync(["rsync", "-a", "--ignore-missing-args", "--files-from=-", *e_src, f"{run_src}/", f"{scratch}/"], src.name,
           stdin="".join(f"{n}\n" for n in (C.LOSS_CURVE, C.LOG, C.SPEC)))
+    make_dir(dst, dst.run_dir(run))
     for extra in ([f"--exclude={C.CKPT_COMPLETE_MARKER}"], []):
-        rsync(["rsync", "-a", "--partial", "--mkpath", *extra, *e_dst, f"{scratch}/", f"{run_dst}/"], dst.name)
+        rsync(["rsync", "-a", "--partial", *extra, *e_dst, f"{scratch}/", f"{run_dst}/"], dst.name)
     return step

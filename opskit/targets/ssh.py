@@ -124,6 +124,7 @@ class SSHTarget(Target):
         if self._synced:
             return
         from opskit.targets.local import PROJECT_ROOT
+        rsync.make_dir(self, self.code_dir)
         rsync.rsync(rsync.sync_code_argv(self.address, PROJECT_ROOT, self.code_dir), self.address, cwd=PROJECT_ROOT)
         self._synced = True
 
