@@ -92,6 +92,14 @@ class SSHServer:
             except OSError:
                 return
 
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the listener and its sessions: a box that hangs instead of refusing."""
+        for pid in [self.pid, *_children(self.pid)]:
+            try:
+                os.kill(pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

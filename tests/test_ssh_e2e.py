@@ -42,7 +42,7 @@ def wait_for(state: Path, pred, timeout: float, what: str) -> dict:
         row = run_row(state)
         if pred(row):
             return row
-        assert row["state"] not in ("failed", "lost"), row
+        assert row["state"] not in ("failed", "lost"), f"{row['state']}: {row['message']}"
         time.sleep(1)
     raise AssertionError(f"run never {what}; last: {row}")
 

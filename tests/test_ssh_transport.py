@@ -243,3 +243,25 @@ def test_run_survives_sshd_restart_and_status_marks_it_stale_meanwhile(server, s
     assert operations.refresh(store) == {"flaky": None}
     row = store.get_run(run)
     assert (row["state"], row["stale"], row["exit_code"], row["step"]) == ("done", 0, 0, 2)
+
+
+def test_a_hung_box_costs_a_bounded_wait_not_a_hang(server, store, tmp_path):
+    box = add_box(store, server, name="hung", workdir=str(tmp_path / "hung"))
+    box.sync()
+    run = "t/hung/s1"
+    store.upsert_run({"name": run, "phase": "t", "config": "hung", "seed": 1, "target": "hung",
+                      "attempt": 1, "state": "starting", "run_dir": box.run_dir(run)}, reason="test")
+    box.start(run, ["sleep", "30"], attempt=1)
+    assert operations.refresh(store) == {"hung": None}
+    server.freeze()
+    try:
+        t0 = time.monotonic()
+        health = operations.refresh(store)
+        waited = time.monotonic() - t0
+    finally:
+        server.freeze(False)
+    assert health["hung"] and store.get_run(run)["stale"] == 1
+    assert waited < 2 * ssh_connection.CONNECT_TIMEOUT_S + 3, f"refresh waited {waited:.1f}s"
+    assert operations.refresh(store) == {"hung": None}
+    assert store.get_run(run)["stale"] == 0
+    box.signal(run, "KILL")
