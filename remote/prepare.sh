@@ -56,6 +56,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
           if (d[1] > b[1] || (d[1] == b[1] && d[2] >= b[2])) {print $1; exit}}')
   [ -n "$build" ] || fail gpu "driver supports CUDA $cuda, older than every torch build ($(echo $TORCH_CUDA_BUILDS | tr '\n' ' ')); update the NVIDIA driver"
   torch_index="https://download.pytorch.org/whl/$build"
+  step gpu "torch wheels from $torch_index"
 else
   [ "$gpus" -eq 0 ] || fail gpu "the target is configured with $gpus GPUs but nvidia-smi is missing"
   step gpu "none (CPU)"

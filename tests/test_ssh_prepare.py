@@ -2,6 +2,8 @@
 test machine's torch through --system-site-packages, and --no-install forbids pip)."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,3 +72,38 @@ def test_prepare_creates_a_venv_then_repeats_in_seconds(store, tmp_path):
     assert time.monotonic() - t0 < 5
     assert lines[-1].startswith("step done: already prepared"), lines
     assert operations.get_target(store, "box").check()["prepared"] is True
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# Prints what nvidia-smi prints on a 2-GPU box whose driver supports CUDA {cuda}.
+case "$*" in
+  *--query-gpu*) echo "NVIDIA H100 80GB HBM3, 570.86.15"; echo "NVIDIA H100 80GB HBM3, 570.86.15" ;;
+  *) echo "| NVIDIA-SMI 570.86.15    Driver Version: 570.86.15    CUDA Version: {cuda}     |" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("cuda, expected", [
+    ("12.8", "prepare failed at step cuda: AssertionError: torch.cuda.is_available() is False"),
+    ("13.1", "prepare failed at step cuda: AssertionError: torch.cuda.is_available() is False"),
+    ("12.4", "prepare failed at step gpu: driver supports CUDA 12.4, older than every torch build"),
+])
+def test_gpu_step_reads_nvidia_smi_and_picks_the_torch_build(tmp_path, cuda, expected):
+    """nvidia-smi cannot run here: a fake one prints a real box's output; prepare.sh itself runs for real
+    (locally: the GPU step does not involve ssh) and must pick the wheel index from the driver's CUDA."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_NVIDIA_SMI.format(cuda=cuda))
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "remote" / "prepare.sh"), "--workdir", str(tmp_path / "wd"),
+                           "--code", str(root), "--python", sys.executable, "--gpus", "2", "--no-install"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert "step gpu: 2 x NVIDIA H100 80GB HBM3, 570.86.15 (driver CUDA " + cuda + ")" in lines
+    assert lines[-1].startswith(expected), lines
+    want_index = {"12.8": "cu128", "13.1": "cu130"}.get(cuda)
+    if want_index:
+        assert f"step gpu: torch wheels from https://download.pytorch.org/whl/{want_index}" in lines
