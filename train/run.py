@@ -341,8 +341,9 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
     if dropped:
         log(f"loss curve: dropped {dropped} lines after step {progress.step}")
 
-    heartbeat.update(state="training", step=progress.step, message="training",
-                     tokens=progress.step * spec.tokens_per_step(dist_info.world_size))
+    heartbeat.update(state="training", step=progress.step, message="training", loss=progress.last_loss,
+                     tokens=progress.step * spec.tokens_per_step(dist_info.world_size), tokens_per_s=None,
+                     eta_s=None)
     log(f"phase training (from step {progress.step})")
     with signals.deferred():
         finished = train_loop(spec, dist_info, model, optimizer, data, progress, total_steps,
