@@ -38,7 +38,10 @@ def test_unknown_dataset_names_the_closest_match():
 def test_local_dataset_paths(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "hi"}\n')
     info = get_dataset(f"local:{tmp_path}")
-    assert info.path == str(tmp_path) and info.has_split("validation")  # held out from train
+    assert info.path == str(tmp_path) and info.splits == ("train",)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "validation").mkdir()
+    assert get_dataset(f"local:{tmp_path}").splits == ("train", "validation")
     with pytest.raises(DataError, match="does not exist"):
         get_dataset(f"local:{tmp_path}/missing")
 

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 LOCAL_PREFIX = "local:"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-LOCAL_HOLDOUT_DOCS = 200
 
 
 class DataError(ValueError):
@@ -74,9 +73,10 @@ def _local(name: str) -> DatasetInfo:
     if os.path.isfile(path) and not path.endswith(LOCAL_SUFFIXES):
         raise DataError(f"local dataset {path}: expected a {', '.join(LOCAL_SUFFIXES)} file or a folder")
     split_dirs = os.path.isdir(path) and all(os.path.isdir(os.path.join(path, s)) for s in ("train", "validation"))
+    # Without train/ and validation/ folders every document is training data; name another
+    # local:PATH (its split "train") as the validation dataset.
     splits = ("train", "validation") if split_dirs else _TRAIN
-    return DatasetInfo(name, None, None, "text", splits, "local", "your own files",
-                       holdout_docs=0 if split_dirs else LOCAL_HOLDOUT_DOCS, path=path)
+    return DatasetInfo(name, None, None, "text", splits, "local", "your own files", path=path)
 
 
 def get_dataset(name: str) -> DatasetInfo:
