@@ -232,8 +232,9 @@ def resume(run: str = typer.Argument(..., help="Run name."),
         result = operations.resume(store, run, target, on_event=typer.echo)
     if as_json:
         return _print_json(result)
-    if result["started"]:
-        typer.echo(f"resumed {run} as attempt {result['attempt']}")
+    if result.get("started") or result.get("queued"):
+        how = f"queued at position {result['position']}" if result.get("queued") else "started"
+        typer.echo(f"resumed {run} as attempt {result['attempt']} ({how})")
     else:
         raise OpsError(f"could not resume {run}: {result['reason']}")
 
