@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--follow", action="store_true")
     p.add_argument("--top", action="store_true")
     p.add_argument("--ensure", action="store_true")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # run names may come before or after the options
     if a.op == "tail":
         return tail(a.workdir, a.run, a.lines, a.follow)
     if a.op in QUEUE_OPS:
