@@ -22,6 +22,10 @@ ACTIVE = frozenset({PREPARING, SYNCING, STARTING, TOKENIZING, TRAINING, EVALUATI
 _LIVE_FROM_HEARTBEAT = {"starting": STARTING, "tokenizing": TOKENIZING, "training": TRAINING,
                         "evaluating": EVALUATING}
 
+# A scheduler's verdict on an ended job, for what the run directory cannot tell (docs/targets-slurm.md).
+SCHEDULER_ENDED = {"CANCELLED": CANCELLED, "TIMEOUT": FAILED, "OUT_OF_MEMORY": FAILED, "DEADLINE": FAILED,
+                   "BOOT_FAIL": FAILED, "NODE_FAIL": LOST, "PREEMPTED": LOST}
+
 DEFAULT_STALL_AFTER_S = 300.0  # ten missed heartbeats (the trainer beats at least every 30 s)
 
 
@@ -34,12 +38,22 @@ class Observation:
     alive: bool  # is the launched process group still running?
     now: float
     started: bool = True  # has the launcher started it (False: still queued on the target)
+    # Targets with a scheduler (SLURM): the job's state there, how often it was requeued, and the log's
+    # last lines once it ended (shown with a failure).
+    scheduler_state: str | None = None
+    restarts: int = 0
+    log_tail: str | None = None
 
 
 def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> tuple[str, str]:
     """(state, reason) for one observation."""
     hb = obs.status or {}
     hb_state = hb.get("state")
+    tail = f"; log: {obs.log_tail}" if obs.log_tail else ""
+    forced = SCHEDULER_ENDED.get(obs.scheduler_state or "")
+    if forced and not (obs.exit_code == EXIT_OK and hb_state == "done"):
+        ckpt = f" (checkpoint at step {hb['checkpoint_step']})" if hb.get("checkpoint_step") is not None else ""
+        return forced, f"SLURM {obs.scheduler_state}{ckpt}" + (tail if forced == FAILED else "")
     if obs.exit_code is not None:
         if obs.exit_code == EXIT_OK and hb_state == "done":
             return DONE, "exit code 0"
@@ -48,8 +62,10 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S)
         if hb_state == "interrupted":
             return CANCELLED, f"stopped by signal after checkpoint at step {hb.get('checkpoint_step')}"
         detail = f": {hb['message']}" if hb_state == "failed" and hb.get("message") else ""
-        return FAILED, f"exit code {obs.exit_code}{detail}"
+        return FAILED, f"exit code {obs.exit_code}{detail}{tail}"
     if not obs.started:
+        if obs.scheduler_state:
+            return QUEUED, f"SLURM {obs.scheduler_state}" + (f" (requeued {obs.restarts}x)" if obs.restarts else "")
         return QUEUED, "waiting on the target's queue"
     if not obs.alive:
         return LOST, "process gone without an exit code"

@@ -1,0 +1,139 @@
+"""Pure planning for SLURM targets (docs/targets-slurm.md): the sbatch script of a run, rendered by
+submitit's sbatch writer, and what SLURM's answers mean for a run.
+
+Nothing here runs a command; opskit/slurm_client.py does.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from submitit.slurm.slurm import _make_sbatch_string
+
+from opskit.states import Observation
+
+JOB_SCRIPT = "remote/slurm_job.sh"  # relative to the code dir on the cluster
+SLURM_DIR = "slurm"  # inside the run dir: the sbatch script, SLURM's own logs, the cancel marker
+CANCEL_MARKER = "cancel"  # slurm/cancel: opskit asked to stop; the job ends instead of requeueing
+RDZV_PLACEHOLDER = "{rdzv}"  # replaced on the nodes by <first node>:<port of the job>
+DEFAULT_SIGNAL_S = 120  # USR1 this long before the time limit: time to save a checkpoint
+
+# SLURM job states (sacct/squeue). Waiting: the job will (again) run later; running: its trainer may
+# be up; everything else has ended and decides with the run directory's exit code and heartbeat.
+WAITING = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "CONFIGURING",
+                     "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "SPECIAL_EXIT"})
+RUNNING = frozenset({"RUNNING", "COMPLETING", "STAGE_OUT"})
+ENDED = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "CANCELLED", "OUT_OF_MEMORY",
+                   "BOOT_FAIL", "DEADLINE", "REVOKED"})
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What SLURM says about one job: its current state and how often it was requeued."""
+
+    job_id: str
+    state: str  # e.g. RUNNING; "CANCELLED by 0" is reported as CANCELLED
+    exit_code: int | None  # the batch script's, once ended
+    reason: str | None
+    restarts: int
+
+
+def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env: dict[str, str],
+                  config: dict) -> str:
+    """The sbatch script of one run: one task per node runs torchrun through remote/slurm_job.sh;
+    after srun returns, the batch step requeues the job (stopped by a signal) or records the exit code."""
+    nodes = int(config.get("nodes") or 1)
+    gpus = int(config.get("gpus_per_node") or 0)
+    slurm_dir = f"{run_dir}/{SLURM_DIR}"
+    setup = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    setup.append('export OPSKIT_ATTEMPT=$(( OPSKIT_ATTEMPT + ${SLURM_RESTART_COUNT:-0} ))')
+    setup.append(f"rm -f {shlex.quote(run_dir)}/exit_code  # an earlier attempt's")
+    if nodes > 1:
+        setup += ['first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                  'export OPSKIT_RDZV="$first_node:$(( 20000 + SLURM_JOB_ID % 20000 ))"']
+    job = f"{code_dir}/{JOB_SCRIPT}"
+    extra = {k: config[k] for k in ("account", "qos", "constraint", "mem", "exclusive") if config.get(k)}
+    if config.get("time"):
+        extra["time"] = config["time"]
+    return _make_sbatch_string(
+        command=" ".join(shlex.quote(a) for a in ["bash", job, "node", run_dir, *node_command(command, nodes)]),
+        folder=slurm_dir,
+        job_name=f"opskit:{run}",
+        partition=config.get("partition"),
+        time=None,  # submitit's default is 5 minutes; the cluster's default applies unless --time
+        nodes=nodes,
+        ntasks_per_node=1,
+        cpus_per_task=config.get("cpus_per_task"),
+        gpus_per_node=gpus or None,
+        setup=setup,
+        teardown=[f"bash {shlex.quote(job)} finish {shlex.quote(run_dir)} $?"],
+        wckey=None,
+        stderr_to_stdout=True,
+        # USR1 (submitit's default is USR2): the trainer checkpoints on it; the job requeues itself
+        additional_parameters={"requeue": True, "signal": f"USR1@{int(config.get('signal_s') or DEFAULT_SIGNAL_S)}",
+                               **extra},
+    ).rstrip("\n") + "\n"
+
+
+def node_command(command: list[str], nodes: int) -> list[str]:
+    """The trainer command one node runs: single node as given; several nodes rendezvous (c10d) on the
+    first node of the allocation instead of `--standalone`."""
+    if nodes <= 1:
+        return list(command)
+    out = []
+    for a in command:
+        if a == "--standalone":
+            out += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={RDZV_PLACEHOLDER}",
+                    "--rdzv_id=opskit"]
+        else:
+            out.append(a)
+    return out
+
+
+# ------------------------------------------------------------------ answers
+
+
+SACCT_FIELDS = "JobIDRaw,State,ExitCode,Reason"
+
+
+def sacct_argv(job_ids: list[str]) -> list[str]:
+    """One sacct call for every job of a target; -D lists each requeued incarnation as its own line."""
+    return ["sacct", "-X", "-D", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)]
+
+
+def parse_sacct(text: str) -> dict[str, SlurmJob]:
+    """`sacct -X -D -n -P -o JobIDRaw,State,ExitCode,Reason` -> {job id: its newest line, restarts}."""
+    lines: dict[str, list[list[str]]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 3 or not parts[0]:
+            continue
+        lines.setdefault(parts[0], []).append(parts)
+    out = {}
+    for job_id, rows in lines.items():
+        last = rows[-1]
+        code = last[2].split(":")[0]
+        reason = last[3] if len(last) > 3 and last[3] not in ("", "None") else None
+        out[job_id] = SlurmJob(job_id, last[1].split()[0], int(code) if code.isdigit() else None, reason,
+                               restarts=sum(1 for r in rows if r[1].split()[0] == "REQUEUED"))
+    return out
+
+
+def observation(files: dict, job: SlurmJob | None, now: float, log_tail: str | None = None) -> Observation:
+    """One run's Observation from its run directory (agent observe) and its SLURM job.
+
+    While SLURM holds the job (waiting or running) a leftover exit_code belongs to an incarnation that
+    is being requeued and is ignored; once the job ended, the run directory decides, with SLURM's state
+    for what the files cannot tell (cancelled, timed out, node failure)."""
+    if job is None:  # submitted, but not in accounting yet (slurmdbd lags a second or two)
+        return Observation(status=files["status"], exit_code=None, alive=False, now=now, started=False,
+                           scheduler_state="PENDING")
+    if job.state in WAITING:
+        return Observation(status=files["status"], exit_code=None, alive=False, now=now, started=False,
+                           scheduler_state=job.state, restarts=job.restarts)
+    if job.state in RUNNING:
+        return Observation(status=files["status"], exit_code=None, alive=True, now=now, started=True,
+                           scheduler_state=job.state, restarts=job.restarts)
+    exit_code = files["exit_code"] if files["exit_code"] is not None else job.exit_code
+    return Observation(status=files["status"], exit_code=exit_code, alive=False, now=now, started=True,
+                       scheduler_state=job.state, restarts=job.restarts, log_tail=log_tail)
