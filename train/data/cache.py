@@ -115,6 +115,8 @@ def find_cache(tok_dir: Path, key: str, base_key: str, max_tokens: int | None) -
         return _info(tok_dir / key, max_tokens)
     best = None
     for meta_path in tok_dir.glob("*/meta.json"):
+        if meta_path.parent.name.endswith(".partial"):
+            continue
         meta = read_json(meta_path)
         if not meta or meta.get("base_key") != base_key:
             continue
@@ -228,6 +230,10 @@ def _build(tok_dir: Path, key: str, base_key: str, settings: dict, sources, spli
            cache_root) -> CacheInfo:
     partial = tok_dir / f"{key}.partial"
     partial.mkdir(exist_ok=True)
+    if (partial / "meta.json").exists() and (partial / "tokens.bin").exists():  # killed while finishing
+        (partial / "journal.json").unlink(missing_ok=True)
+        os.replace(partial, tok_dir / key)
+        return _info(tok_dir / key, max_tokens)
     bin_path, journal_path = partial / "tokens.bin.partial", partial / "journal.json"
     journal = read_json(journal_path) or {"key": key, "docs": 0, "tokens": 0, "text_bytes": 0}
     itemsize = np.dtype(settings["dtype"]).itemsize
