@@ -1,0 +1,30 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=proj42
+#SBATCH --gpus-per-node=2
+#SBATCH --job-name=opskit:demo/hybrid_a0.2_t100k/s42
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=/scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/slurm/%j_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --qos=normal
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+#SBATCH --time=24:00:00
+
+# setup
+export OPSKIT_ATTEMPT=1
+export PYTHONPATH=/scratch/alice/opskit/code
+export PYTHONUNBUFFERED=1
+export OPSKIT_ATTEMPT=$(( OPSKIT_ATTEMPT + ${SLURM_RESTART_COUNT:-0} ))
+rm -f /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/exit_code  # an earlier attempt's
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/slurm/%j_%t_log.out bash /scratch/alice/opskit/code/remote/slurm_job.sh node /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42 /scratch/alice/opskit/venv/bin/python -m torch.distributed.run --nproc_per_node=2 --standalone -m train.run --spec /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/spec.json
+
+
+# teardown
+bash /scratch/alice/opskit/code/remote/slurm_job.sh finish /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42 $?
