@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 DEFAULT_BASE_PORT = 29600  # rendezvous ports handed out from here (torchrun's own default is 29500)
 PORT_RANGE = 1000
@@ -69,12 +70,15 @@ def dependency_state(after: list[str], run_states: dict[str, str]) -> tuple[bool
     return True, None
 
 
-def plan_starts(config: dict, pending: list[dict], running: list[dict], run_states: dict[str, str]) -> Plan:
+def plan_starts(config: dict, pending: list[dict], running: list[dict], run_states: dict[str, str],
+                port_ok: Callable[[int], bool] = lambda port: True, port_offset: int = 0) -> Plan:
     """Which pending entries start now, in queue order.
 
     `pending`: entries in queue order ({seq, run, gpus, after}); `running`: started entries still
     running ({slots, port}). Entries waiting on a dependency are skipped; among the ready ones the
     order is strict: when the first one does not fit, nothing behind it starts (no starving a big run).
+    Ports: the first one from `base_port + port_offset` (wrapping in the range) that no running entry
+    holds and `port_ok` accepts (the supervisor checks the host: other queues and programs use ports too).
     """
     total = slot_count(config)
     limit = max_parallel(config) or total
@@ -100,7 +104,8 @@ def plan_starts(config: dict, pending: list[dict], running: list[dict], run_stat
             plan.waiting[entry["seq"]] = f"waiting for {unit}"
             continue
         ids, free = free[:need], free[need:]
-        port = next(p for p in range(base, base + PORT_RANGE) if p not in used_ports)
+        port = next(p for p in (base + (port_offset + i) % PORT_RANGE for i in range(PORT_RANGE))
+                    if p not in used_ports and port_ok(p))
         used_ports.add(port)
         n_running += 1
         plan.starts.append(Start(entry["seq"], entry["run"], tuple(ids), port))

@@ -14,9 +14,11 @@ import argparse
 import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,6 +102,22 @@ def _dependency_states(workdir: str, pending: list[dict], started: list[dict]) -
 def _has_ended(workdir: str, entry: dict) -> bool:
     run_dir = C.run_dir(workdir, entry["run"])
     return (run_dir / C.EXIT_CODE).exists() or not agent._pid_alive(run_dir)
+
+
+def port_free(port: int) -> bool:
+    """Can a rendezvous server listen on this port of the host right now?"""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_offset(workdir: str) -> int:
+    """Where this workdir's queue starts looking for ports, so two queues on one host rarely race."""
+    return zlib.crc32(str(Path(workdir).resolve()).encode()) % Q.PORT_RANGE
 
 
 def _find_process(token: str) -> int | None:
@@ -251,7 +269,8 @@ class Supervisor:
                     continue
                 started.append(e)
             pending = Q.order(_entries(d, "pending"))
-            plan = Q.plan_starts(config, pending, started, _dependency_states(self.workdir, pending, started))
+            plan = Q.plan_starts(config, pending, started, _dependency_states(self.workdir, pending, started),
+                                 port_ok=port_free, port_offset=port_offset(self.workdir))
             by_seq = {e["seq"]: e for e in pending}
             for s in plan.starts:
                 self._start(d, by_seq[s.seq], s, config)

@@ -101,6 +101,17 @@ def test_plan_packs_runs_on_free_gpus_in_order_with_distinct_ports():
     assert plan.starts[0].cuda_visible_devices(config) == "1"
 
 
+def test_ports_skip_busy_ones_on_the_host_and_start_at_the_queue_offset():
+    base = Q.DEFAULT_BASE_PORT
+    pending = [{"seq": 1, "run": "a"}, {"seq": 2, "run": "b"}]
+    plan = Q.plan_starts({"gpus": 2, "gpus_per_run": 1}, pending, [], {}, port_ok=lambda p: p != base + 7,
+                         port_offset=6)
+    assert [s.port for s in plan.starts] == [base + 6, base + 8]
+    wrap = Q.plan_starts({"gpus": 0}, pending[:1], [], {}, port_offset=Q.PORT_RANGE - 1,
+                         port_ok=lambda p: p != base + Q.PORT_RANGE - 1)
+    assert [s.port for s in wrap.starts] == [base]
+
+
 def test_plan_strict_order_dependencies_and_impossible_requests():
     config = {"gpus": 2}  # default: a run takes every GPU
     pending = [{"seq": 1, "run": "eval", "after": ["train"]}, {"seq": 2, "run": "big", "gpus": 4},
@@ -170,15 +181,16 @@ def test_killed_supervisor_is_restarted_and_nothing_starts_twice(workdir):
     config = {"gpus": 2, "gpus_per_run": 1, "idle_exit_s": 2}
     runs = [f"q/k/s{i}" for i in range(1, 6)]
     for r in runs:
-        enqueue(workdir, r, config, sleep=1.5)
+        enqueue(workdir, r, config, sleep=3)
     wait_until(lambda: len(agent(workdir, "queue-state")["running"]) == 2, what="two running")
     pid = agent(workdir, "queue-state")["supervisor"]["pid"]
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not agent(workdir, "queue-state")["supervisor"]["alive"], what="supervisor gone")
-    time.sleep(2.5)  # the two runs end meanwhile; nobody starts the next ones
-    state = agent(workdir, "queue-state")
-    assert len(state["pending"]) == 3 and not any(C.run_dir(workdir, r).joinpath("t_start").exists()
-                                                 for r in runs[2:])
+    waiting = [p["run"] for p in agent(workdir, "queue-state")["pending"]]
+    assert waiting
+    time.sleep(3.5)  # the running ones end meanwhile; nobody starts the waiting ones
+    assert [p["run"] for p in agent(workdir, "queue-state")["pending"]] == waiting
+    assert not any(C.run_dir(workdir, r).joinpath("t_start").exists() for r in waiting)
     again = agent(workdir, "ensure-supervisor")
     assert again["started"] and again["alive"] and again["pid"] != pid
     wait_until(lambda: all_finished(workdir, runs), what="queue finished after restart")
