@@ -51,6 +51,11 @@ def _console():
     return Console()
 
 
+def _quiet_if(as_json: bool):
+    """Progress lines for humans; nothing that would break --json output."""
+    return (lambda _m: None) if as_json else typer.echo
+
+
 def _fmt_num(x, unit: str = "") -> str:
     if x is None:
         return "-"
@@ -229,7 +234,7 @@ def resume(run: str = typer.Argument(..., help="Run name."),
     """
     from opskit import operations
     with _store() as store:
-        result = operations.resume(store, run, target, on_event=typer.echo)
+        result = operations.resume(store, run, target, on_event=_quiet_if(as_json))
     if as_json:
         return _print_json(result)
     if result.get("started") or result.get("queued"):
@@ -249,7 +254,7 @@ def pull(runs: Optional[List[str]] = typer.Argument(None, help="Run names (defau
     """
     from opskit import operations
     with _store() as store:
-        result = operations.pull(store, runs, results_dir, on_event=lambda m: None if as_json else typer.echo(m))
+        result = operations.pull(store, runs, results_dir, on_event=_quiet_if(as_json))
     if as_json:
         return _print_json(result)
     for r in result:
