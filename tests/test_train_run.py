@@ -175,27 +175,40 @@ def test_resume_after_sigkill_truncates_the_curve_to_the_checkpoint(reference_ru
     assert_same_curve(read_loss_curve(out), read_loss_curve(reference_run))
 
 
-def test_torchrun_two_ranks_trains_and_resumes(cache_dir, tmp_path, reference_run):
-    ref = tmp_path / "ddp_ref"
-    make_spec(ref, cache_dir)
-    assert run_to_end(ref, nproc=2) == 0, (ref / LOG).read_text()[-3000:]
-    curve = read_loss_curve(ref)
-    assert [r["step"] for r in curve] == list(range(1, STEPS // 2 + 1))
+@pytest.fixture(scope="session")
+def torchrun_reference(tmp_path_factory, cache_dir, reference_run) -> Path:
+    """An uninterrupted run under torchrun --nproc_per_node=2 (after the cache exists)."""
+    out = tmp_path_factory.mktemp("runs") / "ddp_reference"
+    make_spec(out, cache_dir)
+    assert run_to_end(out, nproc=2) == 0, (out / LOG).read_text()[-3000:]
+    return out
+
+
+def test_torchrun_two_ranks_trains(torchrun_reference):
+    out = torchrun_reference
+    curve = read_loss_curve(out)
+    assert [r["step"] for r in curve] == list(range(1, STEPS // 2 + 1))  # twice the tokens per step
     assert curve[-1]["tokens"] == STEPS * SEQ * MICRO
     assert curve[-1]["loss"] < curve[0]["loss"] - 1.0
-    assert read_json(ref / RESULTS)["steps"] == STEPS // 2
+    results = read_json(out / RESULTS)
+    assert results["steps"] == STEPS // 2 and results["tokens_seen"] == STEPS * SEQ * MICRO
+    assert read_json(out / STATUS)["state"] == "done"
+    assert (out / LOG).read_text().count("phase done") == 1  # only rank 0 logs
 
+
+def test_torchrun_sigterm_then_resume_gives_the_uninterrupted_curve(torchrun_reference, cache_dir, tmp_path):
     out = tmp_path / "ddp_resumed"
     make_spec(out, cache_dir)
     proc = start(out, nproc=2)
-    signal_at_step(out, proc, 7)  # torchrun forwards SIGTERM to both workers
-    finish(proc, out)
+    signal_at_step(out, proc, 7)  # torchrun forwards SIGTERM to both workers, which save and exit 75
+    finish(proc, out)  # torchrun's own exit code is not the workers' (see docs/trainer.md)
     status = read_json(out / STATUS)
     assert status["state"] == "interrupted", (out / LOG).read_text()[-3000:]
     assert status["checkpoint_step"] == complete_steps(out / CKPT_DIR)[-1] >= 7
+    assert (out / LOG).read_text().count(f"exit {EXIT_INTERRUPTED}") == 1
     make_spec(out, cache_dir, attempt=2)
     assert run_to_end(out, nproc=2) == 0, (out / LOG).read_text()[-3000:]
-    assert_same_curve(read_loss_curve(out), curve)
+    assert_same_curve(read_loss_curve(out), read_loss_curve(torchrun_reference))
 
 
 def test_same_spec_gives_same_curve_start(reference_run, cache_dir, tmp_path):
