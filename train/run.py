@@ -394,13 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     from train.distributed import init_distributed, shutdown
     from train.heartbeat import Heartbeat, LossCurve
 
-    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
-    dist_info = init_distributed()
+    try:
+        Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+        dist_info = init_distributed()  # under torchrun this waits for the rendezvous
+    except Interrupted as e:
+        print(f"interrupted by {e.args[0]} before the process group formed, exit {EXIT_INTERRUPTED}", flush=True)
+        return EXIT_INTERRUPTED
     _LOG_RANK["rank"] = dist_info.rank
     heartbeat = Heartbeat(spec.out_dir, spec.attempt, enabled=dist_info.is_main).start()
     curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
-    log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size "
-            f"{dist_info.world_size} ====")
+    log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size {dist_info.world_size} ====")
     code, clean = EXIT_FAILED, True
     try:
         code = run(spec, dist_info, heartbeat, curve, signals, started)
