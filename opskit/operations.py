@@ -82,6 +82,8 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
             spec = planning.build_spec(d.run, tgt.workdir, d.attempt)
             out.append({"run": d.run.name, "start": d.start, "reason": d.reason, "target": target, "spec": spec,
                         "command": _command(tgt, d.run.name)})
+            if hasattr(tgt, "dry_run_script"):  # SLURM: the sbatch script that would be submitted
+                out[-1]["sbatch"] = tgt.dry_run_script(d.run.name, out[-1]["command"], d.attempt)
         return out
     to_start = [d for d in decisions if d.start]
     for d in decisions:
