@@ -224,3 +224,11 @@ def test_p2_job_errors_are_one_line(tmp_path, p2_cache):
     assert "Traceback" not in missing.stderr
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and "no complete checkpoint" in status["message"]
+
+
+@needs_lm_eval
+def test_hub_task_offline_is_a_clear_error():
+    from train.downstream import DownstreamError, load_tasks, task_manager
+
+    with pytest.raises(DownstreamError, match=r"cannot load the data of task 'piqa' \(HF_HUB_OFFLINE"):
+        load_tasks(["piqa"], task_manager(["piqa"]))

@@ -44,15 +44,13 @@ def task_manager(names: list[str]):
 
 def load_tasks(names: list[str], manager) -> dict:
     """lm_eval's task objects by name, loading each one's data; a clear error naming the task that fails."""
-    from lm_eval.tasks import get_task_dict
-
     known = set(manager.all_tasks)
     tasks = {}
     for name in names:
         if name not in known:
             raise DownstreamError(f"unknown lm-eval task {name!r} (not in lm_eval nor {LOCAL_TASKS_DIR})")
         try:
-            tasks.update(get_task_dict([name], manager))
+            tasks.update(manager.load([name])["tasks"])
         except Exception as e:  # datasets raises many types when the hub is unreachable
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
             hint = ("HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" if offline else "no hub access?")
