@@ -679,9 +679,8 @@ def queue(
         for r in q.get("running", []):
             where = f"GPUs {r['cuda_visible_devices']}" if r.get("cuda_visible_devices") else "CPU"
             typer.echo(f"  running  {r['run']}  {where}  port {r.get('port')}  since {_fmt_age(r.get('started_at'))}")
-        for r in q.get("pending", []):
-            after = f"  after {', '.join(r['after'])}" if r.get("after") else ""
-            typer.echo(f"  #{r['position']:<6} {r['run']}  {r.get('units', '?')} GPU(s)  {r['waiting']}{after}")
+        for r in q.get("pending", []):  # `waiting` names the --after run it waits for, if any
+            typer.echo(f"  #{r['position']:<6} {r['run']}  {r.get('units', '?')} GPU(s)  {r['waiting']}")
         if not q.get("running") and not q.get("pending"):
             typer.echo("  (empty)")
 
