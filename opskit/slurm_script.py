@@ -46,7 +46,6 @@ def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env
     gpus = int(config.get("gpus_per_node") or 0)
     slurm_dir = f"{run_dir}/{SLURM_DIR}"
     setup = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
-    setup.append('export OPSKIT_ATTEMPT=$(( OPSKIT_ATTEMPT + ${SLURM_RESTART_COUNT:-0} ))')
     setup.append(f"rm -f {shlex.quote(run_dir)}/exit_code  # an earlier attempt's")
     if nodes > 1:
         setup += ['first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',

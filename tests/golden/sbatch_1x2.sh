@@ -18,7 +18,6 @@
 export OPSKIT_ATTEMPT=1
 export PYTHONPATH=/scratch/alice/opskit/code
 export PYTHONUNBUFFERED=1
-export OPSKIT_ATTEMPT=$(( OPSKIT_ATTEMPT + ${SLURM_RESTART_COUNT:-0} ))
 rm -f /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/exit_code  # an earlier attempt's
 
 # command

@@ -18,7 +18,6 @@
 export OPSKIT_ATTEMPT=1
 export PYTHONPATH=/scratch/alice/opskit/code
 export PYTHONUNBUFFERED=1
-export OPSKIT_ATTEMPT=$(( OPSKIT_ATTEMPT + ${SLURM_RESTART_COUNT:-0} ))
 rm -f /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/exit_code  # an earlier attempt's
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OPSKIT_RDZV="$first_node:$(( 20000 + SLURM_JOB_ID % 20000 ))"

@@ -1,0 +1,117 @@
+"""SlurmTarget against a real single-node SLURM (tests/slurm_cluster.py): submission, one sacct call
+per target, a failing job shows failed with its log's tail, scancel shows cancelled."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import slurm_cluster  # noqa: E402
+
+from opskit import operations, states  # noqa: E402
+from opskit.slurm_client import SlurmClient  # noqa: E402
+from opskit.store import Store  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(slurm_cluster.skip_reason() is not None, reason=str(slurm_cluster.skip_reason())),
+              pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return slurm_cluster.cluster()
+
+
+@pytest.fixture
+def store(tmp_path, cluster):
+    with Store(tmp_path / "state.db") as s:
+        operations.add_target(s, "hpc", "slurm", {"name": "hpc", "workdir": str(tmp_path / "wd"),
+                                                  "slurm_conf": str(cluster.conf)})
+        yield s
+
+
+def submit(store: Store, run: str, command: list[str]) -> dict:
+    """Record a run and submit `command` as its job (what launch does, with a command of our own)."""
+    tgt = operations.get_target(store, "hpc")
+    phase, config, seed = run.split("/")
+    store.upsert_run({"name": run, "phase": phase, "config": config, "seed": int(seed[1:]), "target": "hpc",
+                      "attempt": 1, "state": states.QUEUED, "run_dir": tgt.run_dir(run), "spec": {}}, reason="test")
+    started = tgt.start(run, command, attempt=1)
+    store.update_run(run, state=states.STARTING, job_id=started["job_id"])
+    return started
+
+
+def wait_state(store: Store, run: str, wanted: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    row = {}
+    while time.monotonic() < deadline:
+        operations.refresh(store, runs=[run])
+        row = store.require_run(run)
+        if row["state"] in wanted:
+            return row
+        time.sleep(0.5)
+    raise AssertionError(f"{run} stayed {row.get('state')} (wanted {wanted}); events: {store.events(run)}")
+
+
+def test_failing_job_shows_failed_with_log_tail(store):
+    run = "t/fail/s1"
+    job = submit(store, run, ["bash", "-c", "echo loading the model; echo 'RuntimeError: boom' >&2; exit 3"])
+    row = wait_state(store, run, states.ENDED)
+    assert row["state"] == states.FAILED and row["exit_code"] == 3 and row["job_id"] == job["job_id"]
+    reason = store.events(run)[-1]["reason"]
+    assert reason.startswith("exit code 3") and "RuntimeError: boom" in reason and "loading the model" in reason
+    log = "".join(operations.logs(store, run))
+    assert f"SLURM job {job['job_id']}" in log and "exit code 3" in log
+
+
+def test_scancelled_job_shows_cancelled(store, cluster):
+    run = "t/scancel/s1"
+    job = submit(store, run, ["sleep", "300"])
+    wait_state(store, run, {states.STARTING})
+    deadline = time.monotonic() + 30
+    while "RUNNING" not in cluster.sh("squeue", "-h", "-j", job["job_id"], "-o", "%T") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    cluster.sh("scancel", job["job_id"])
+    row = wait_state(store, run, states.ENDED)
+    assert row["state"] == states.CANCELLED
+    assert store.events(run)[-1]["reason"].startswith("SLURM CANCELLED")
+
+
+def test_cancel_of_a_waiting_job_removes_it(store, cluster):
+    run = "t/held/s1"
+    cluster.sh("scontrol", "update", "PartitionName=debug", "State=DOWN")  # jobs wait (PartitionDown)
+    try:
+        submit(store, run, ["true"])
+        wait_state(store, run, {states.QUEUED})
+        assert operations.cancel(store, [run])[0]["scancelled"]
+    finally:
+        cluster.sh("scontrol", "update", "PartitionName=debug", "State=UP")
+    row = wait_state(store, run, states.ENDED)
+    assert row["state"] == states.CANCELLED
+
+
+def test_status_asks_slurm_once_per_target(store, monkeypatch):
+    runs = [f"t/many/s{i}" for i in range(4)]
+    for r in runs:
+        submit(store, r, ["true"])
+    calls = []
+    real = SlurmClient.run
+
+    def counted(self, argv, *a, **kw):
+        calls.append(argv[0])
+        return real(self, argv, *a, **kw)
+
+    monkeypatch.setattr(SlurmClient, "run", counted)
+    operations.refresh(store, runs=runs)
+    assert calls.count("sacct") == 1 and calls.count("squeue") == 0, calls
+    for r in runs:
+        wait_state(store, r, {states.FAILED, states.DONE, states.STARTING, states.QUEUED}, timeout=30)
+
+
+def test_dry_run_prints_the_sbatch_script(store):
+    out = operations.launch(store, "demo", ["hybrid_a0.2_t100k"], [42], target="hpc", dry_run=True)
+    script = out[0]["sbatch"]
+    assert script.startswith("#!/bin/bash") and "#SBATCH --requeue" in script and "#SBATCH --signal=USR1@120" in script
+    assert "train.run --spec" in script and store.get_run(out[0]["run"]) is None
