@@ -685,6 +685,35 @@ def queue(
             typer.echo("  (empty)")
 
 
+# ---------------------------------------------------------------------- export (p2)
+
+
+@app.command("export")
+def export(run: str = typer.Argument(..., help="Run name, e.g. p1/geo_500k/s42."),
+           hf: str = typer.Option(..., "--hf", help="Directory to write the Hugging Face checkpoint into."),
+           step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the newest)."),
+           dtype: str = typer.Option("fp32", "--dtype", help="Weights on disk: fp32 or bf16.")):
+    """Write a trained run as a Hugging Face Llama checkpoint + tokenizer (runs where its checkpoint is).
+
+    Example: opskit export p1/geo_500k/s42 --hf exports/geo_500k_s42
+    """
+    import subprocess
+
+    from opskit import operations
+    with _store() as store:
+        row = store.require_run(run)
+        kind = operations.get_target(store, row["target"]).kind
+    if kind != "local":
+        raise OpsError(f"{run} lives on {kind} target {row['target']}; export it there: "
+                       f"python -m train.export_hf --run-dir {row['run_dir']} --out DIR")
+    # A subprocess: the control plane never imports torch.
+    cmd = [sys.executable, "-m", "train.export_hf", "--run-dir", row["run_dir"], "--out", os.path.abspath(hf),
+           "--dtype", dtype] + (["--step", str(step)] if step is not None else [])
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise OpsError(f"export of {run} failed (exit {done.returncode}; its message is above)")
+
+
 # === end of commands ===
 
 

@@ -151,3 +151,25 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, p2_cache):
     out = subprocess.run([sys.executable, "-m", "train.export_hf", "--run-dir", str(run_dir), "--out",
                           str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_opskit_export_cli_on_a_local_run(tmp_path, p2_cache):
+    """`opskit export RUN --hf DIR` finds the run's directory through the store and exports it."""
+    from opskit.store import Store
+
+    run_dir = make_trained_run(tmp_path, p2_cache, "geo_10k")
+    spec = json.loads((run_dir / "spec.json").read_text())
+    state = tmp_path / "state.db"
+    with Store(state) as store:
+        store.upsert_run({"name": spec["run"], "matrix": "test", "phase": "p1", "config": spec["config"],
+                          "seed": spec["seed"], "target": "local", "state": "done", "run_dir": str(run_dir),
+                          "spec": json.dumps(spec)}, reason="test fixture")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "opskit.cli", "--state", str(state), "export"]
+    out = subprocess.run(cli + [spec["run"], "--hf", str(tmp_path / "hf")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rope_type default" in out.stdout and (tmp_path / "hf" / "model.safetensors").exists()
+    missing = subprocess.run(cli + ["p1/nope/s1", "--hf", str(tmp_path / "x")], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
+    assert missing.returncode != 0 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
