@@ -87,7 +87,7 @@ def main() -> None:
                 assert states == {"training"}, states
         finally:
             for box, run in started:
-                box.signal(run, "KILL")
+                box.signal(run, "TERM")  # detach.sh forwards TERM to the command (KILL would orphan it)
             ssh_connection.close_all()
             for s in servers:
                 s.cleanup()

@@ -264,4 +264,4 @@ def test_a_hung_box_costs_a_bounded_wait_not_a_hang(server, store, tmp_path):
     assert waited < 2 * ssh_connection.CONNECT_TIMEOUT_S + 3, f"refresh waited {waited:.1f}s"
     assert operations.refresh(store) == {"hung": None}
     assert store.get_run(run)["stale"] == 0
-    box.signal(run, "KILL")
+    box.signal(run, "TERM")
