@@ -143,11 +143,13 @@ def _poll_status(path, stop_at, results):
 def test_status_json_is_always_valid_for_a_polling_reader(tmp_path):
     hb = Heartbeat(tmp_path, attempt=1, interval_s=0.001).start()
     results = mp.Queue()
-    reader = mp.Process(target=_poll_status, args=(tmp_path / STATUS, time.time() + 1.5, results))
+    reader = mp.Process(target=_poll_status, args=(tmp_path / STATUS, time.time() + 2.0, results))
     reader.start()
     try:
-        for i in range(3000):  # the main thread and the heartbeat thread both rewrite the file
+        i, end = 0, time.time() + 1.5
+        while time.time() < end:  # the main thread and the heartbeat thread both rewrite the file
             hb.update(state="training", step=i, message="x" * (i % 500))
+            i += 1
     finally:
         hb.stop()
     seen, bad = results.get(timeout=10)
