@@ -176,14 +176,3 @@ class SSHTarget(Target):
                 "driver": gpus[0].split(",")[-1].strip() if gpus else None,
                 "free_disk_gb": round(free_kb / 2**20, 1), "prepared": facts.get("prepared") == ["yes"],
                 "configured_gpus": self.gpus}
-
-    def observe(self, runs: list[str]) -> dict:
-        # Runs before --workdir: agent.py's argparse (parse_args, not parse_intermixed_args) rejects
-        # positionals after an option, which base.Target.observe sends.
-        if not runs:
-            return {}
-        from opskit.states import Observation
-        answer = self.agent_json(["observe", *runs, "--workdir", self.workdir])
-        now = answer["now"]
-        return {run: Observation(status=o["status"], exit_code=o["exit_code"], alive=o["alive"], now=now,
-                                 started=o["started"]) for run, o in answer["runs"].items()}
