@@ -220,8 +220,10 @@ def cancel(runs: List[str] = typer.Argument(..., help="Run names."),
     if as_json:
         return _print_json(result)
     for r in result:
-        typer.echo(f"{r['run']}: {'signalled' if r['cancelled'] else 'not cancelled'}"
-                   f"{'' if r['cancelled'] else ' (' + r['reason'] + ')'}")
+        if not r["cancelled"]:
+            typer.echo(f"{r['run']}: not cancelled ({r['reason']})")
+        else:
+            typer.echo(f"{r['run']}: {'removed from the queue' if r.get('removed_from_queue') else 'signalled'}")
 
 
 @app.command()
@@ -495,6 +497,8 @@ def targets_prepare(name: str = typer.Argument(...)):
         tgt = operations.get_target(store, name)
         tgt.prepare(on_line=typer.echo)
         tgt.sync()
+        if tgt.has_queue:
+            tgt.ensure_supervisor()  # picks up a queue whose supervisor died
     typer.echo(f"target {name} is ready")
 
 

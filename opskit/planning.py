@@ -51,7 +51,10 @@ def build_spec(p: PlannedRun, workdir: str, attempt: int) -> dict:
 def trainer_command(python: str, nproc: int, spec_path: str, nnodes: int = 1, rdzv: str | None = None,
                     port: int | str | None = None) -> list[str]:
     """torchrun for one node (standalone rendezvous, or a fixed local `port` so that runs packed on one
-    box never share one) or several (c10d rendezvous at `rdzv` host:port)."""
+    box never share one) or several (c10d rendezvous at `rdzv` host:port). A one-process run skips
+    torchrun (the trainer makes its own one-member process group): same code path, seconds less."""
+    if nnodes <= 1 and nproc <= 1:
+        return [python, "-m", "train.run", "--spec", spec_path]
     cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={max(nproc, 1)}"]
     if nnodes > 1:
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv}", "--rdzv_id=opskit"]
