@@ -424,6 +424,11 @@ def targets_add(
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
     time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit HH:MM:SS."),
     login: Optional[str] = typer.Option(None, "--login", help="USER@HOST[:PORT] of a SLURM login node."),
+    known_hosts: Optional[str] = typer.Option(None, "--known-hosts", help="known_hosts file for this box."),
+    base_python: Optional[str] = typer.Option(None, "--base-python", help="python3 on the box that builds the venv."),
+    system_site_packages: bool = typer.Option(False, "--system-site-packages",
+                                              help="Let the venv see the box's packages (a preinstalled torch)."),
+    no_install: bool = typer.Option(False, "--no-install", help="prepare checks only; installs nothing."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing target of that name."),
 ):
     """Register a target.
@@ -434,7 +439,9 @@ def targets_add(
     from opskit import operations
     options = {"ssh": ssh, "key": key, "workdir": workdir, "gpus": gpus, "gpus_per_run": gpus_per_run,
                "python": python, "partition": partition, "account": account, "qos": qos, "nodes": nodes,
-               "gpus_per_node": gpus_per_node, "time": time_limit, "login": login}
+               "gpus_per_node": gpus_per_node, "time": time_limit, "login": login, "known_hosts": known_hosts,
+               "base_python": base_python, "system_site_packages": system_site_packages or None,
+               "no_install": no_install or None}
     kind = "slurm" if slurm else "ssh" if ssh else None
     if kind is None:
         raise OpsError("say what the target is: --ssh USER@HOST[:PORT] or --slurm")
@@ -478,12 +485,19 @@ def targets_check(name: str = typer.Argument("local"), as_json: bool = typer.Opt
     Example: opskit targets check box1
     """
     from opskit import operations
+    from opskit.targets import TargetUnreachable
     with _store() as store:
-        result = operations.get_target(store, name).check()
+        try:
+            result = operations.get_target(store, name).check()
+        except TargetUnreachable as e:
+            result = {"reachable": False, "error": str(e)}
     if as_json:
-        return _print_json(result)
-    for k, v in result.items():
-        typer.echo(f"{k:>14}  {v}")
+        _print_json(result)
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k:>14}  {v}")
+    if not result.get("reachable", True):
+        raise typer.Exit(1)
 
 
 @targets_app.command("prepare")

@@ -103,7 +103,10 @@ def send_signal(workdir: str, run: str, sig: str) -> dict:
     if not _pid_alive(run_dir):
         return {"signalled": False, "reason": "not running"}
     pid = int((run_dir / C.PID).read_text().split()[0])
-    os.kill(pid, getattr(signal, f"SIG{sig}"))
+    if sig == "KILL":  # nothing can forward it: kill the launcher's whole session (it leads its group)
+        os.killpg(pid, signal.SIGKILL)
+    else:  # the launcher forwards it to the trainer, which checkpoints first
+        os.kill(pid, getattr(signal, f"SIG{sig}"))
     return {"signalled": True, "pid": pid}
 
 
