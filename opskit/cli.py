@@ -48,7 +48,10 @@ def _print_json(obj) -> None:
 
 def _console():
     from rich.console import Console
-    return Console()
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        console = Console(width=200)
+    return console
 
 
 def _quiet_if(as_json: bool):
