@@ -50,6 +50,7 @@ class Matrix:
     configs: dict[str, tuple[str, ...]]  # group -> names (core, optional)
     seeds: tuple[int, ...]
     phases: dict[str, Phase] = field(default_factory=dict)
+    downstream: dict = field(default_factory=dict)  # p2 settings: tasks, limit, passkey, suites
 
     @property
     def all_configs(self) -> list[str]:
@@ -143,9 +144,10 @@ def _load_file(path: Path) -> Matrix:
     if not isinstance(data, dict):
         v.fail("(top)", "a matrix file must be a mapping")
     unknown = set(data) - {"name", "description", "default", "model", "tokenizer", "data", "train", "eval",
-                           "configs", "seeds", "phases"}
+                           "configs", "seeds", "phases", "downstream"}
     if unknown:
-        v.fail(sorted(unknown)[0], f"unknown field (valid: name, description, model, tokenizer, data, train, eval, configs, seeds, phases)")
+        v.fail(sorted(unknown)[0], "unknown field (valid: name, description, model, tokenizer, data, train, eval, "
+                                   "configs, seeds, phases, downstream)")
 
     name = v.get(data, "name", "", str)
     model = v.get(data, "model", "", dict)
@@ -194,15 +196,18 @@ def _load_file(path: Path) -> Matrix:
     if not seeds or not all(isinstance(s, int) for s in seeds):
         v.fail("seeds", "expected a list of integers")
 
+    downstream = v.get(data, "downstream", "", dict, required=False, default={})
     matrix = Matrix(name=name, path=path, description=data.get("description", ""), preset=preset,
                     tokenizer=tokenizer, data=data_cfg, train=train, eval=ev, configs=configs,
-                    seeds=tuple(seeds))
+                    seeds=tuple(seeds), downstream=downstream)
     phases_src = v.get(data, "phases", "", dict)
     phases = {p: _load_phase(v, matrix, p, body) for p, body in phases_src.items()}
     for p in phases.values():
         for ref in (p.from_gate, p.after):
             if ref and ref not in phases:
                 v.fail(f"phases.{p.name}", f"refers to unknown phase '{ref}'")
+        if p.kind == "downstream" and not p.after:
+            v.fail(f"phases.{p.name}", "a downstream phase needs `after: PHASE` (the runs it evaluates)")
     return dataclasses.replace(matrix, phases=phases)
 
 
@@ -338,5 +343,7 @@ def expand(m: Matrix, phase: Phase, configs: list[str] | None = None, seeds: lis
                 "checkpoint_every": m.train["checkpoint_every"], "keep_checkpoints": m.train["keep_checkpoints"],
                 "log_every": m.train["log_every"],
             }
+            if phase.kind == "downstream":  # train.p2 evaluates the run of phase.after (docs/p2.md)
+                settings["downstream"] = {**m.downstream, "after": phase.after}
             runs.append(PlannedRun(matrix=m.name, phase=phase.name, config=config, seed=seed, settings=settings))
     return runs

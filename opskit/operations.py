@@ -75,13 +75,14 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     existing = {p.name: store.get_run(p.name) for p in planned}
     decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
     tgt = get_target(store, target)
-    after = _check_after(store, tgt, after or [])
+    after = list(after or [])
+    waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run)) for d in decisions if d.start}
     out = []
     if dry_run:
         for d in decisions:
             spec = planning.build_spec(d.run, tgt.workdir, d.attempt)
             out.append({"run": d.run.name, "start": d.start, "reason": d.reason, "target": target, "spec": spec,
-                        "command": _command(tgt, d.run.name)})
+                        "after": waits.get(d.run.name, []), "command": _command(tgt, d.run.name, spec)})
             if hasattr(tgt, "dry_run_script"):  # SLURM: the sbatch script that would be submitted
                 out[-1]["sbatch"] = tgt.dry_run_script(d.run.name, out[-1]["command"], d.attempt)
         return out
@@ -94,7 +95,8 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     for d in to_start:
         store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
                           "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
-                          "run_dir": tgt.run_dir(d.run.name), "after": json.dumps(after) if after else None,
+                          "run_dir": tgt.run_dir(d.run.name),
+                          "after": json.dumps(waits[d.run.name]) if waits[d.run.name] else None,
                           "spec": planning.build_spec(d.run, tgt.workdir, d.attempt)}, reason=d.reason)
     try:
         _set_state(store, [d.run.name for d in to_start], states.PREPARING, "preparing target")
@@ -106,8 +108,19 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         raise
     for d in to_start:
         out.append(_start_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, on_event=on_event,
-                              after=after))
+                              after=waits[d.run.name]))
     return out
+
+
+def _sources(store: Store, ph: catalog.Phase, run: catalog.PlannedRun) -> list[str]:
+    """A downstream run waits for the run it evaluates (p2/<config>/s<seed> after p1/<config>/s<seed>)."""
+    if ph.kind != "downstream":
+        return []
+    source = catalog.run_name(ph.after, run.config, run.seed)
+    row = store.get_run(source)
+    if row is None:
+        raise OpsError(f"{run.name} evaluates {source}, which was never launched: launch {ph.after} first")
+    return [] if row["state"] == states.DONE else [source]
 
 
 def _check_after(store: Store, tgt: Target, after: list[str]) -> list[str]:
@@ -121,10 +134,12 @@ def _check_after(store: Store, tgt: Target, after: list[str]) -> list[str]:
     return list(after)
 
 
-def _command(tgt: Target, run: str) -> list[str]:
+def _command(tgt: Target, run: str, spec: dict) -> list[str]:
+    spec_path = f"{tgt.run_dir(run)}/{C.SPEC}"
+    if "downstream" in spec:
+        return planning.downstream_command(tgt.python, spec_path)
     port = Q.PORT_PLACEHOLDER if tgt.has_queue else None  # the supervisor gives each run its own port
-    return planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), f"{tgt.run_dir(run)}/{C.SPEC}",
-                                    port=port)
+    return planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), spec_path, port=port)
 
 
 def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
@@ -141,11 +156,12 @@ def _start_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool, o
         if fresh:
             tgt.agent_json(["reset", "--workdir", tgt.workdir, "--run", run])
         tgt.write_spec(run, spec)
+        command = _command(tgt, run, spec)
         if tgt.has_queue:
-            gpus = planning.procs_per_run(tgt.config) if tgt.gpus else None
-            queued = tgt.enqueue(run, _command(tgt, run), attempt, gpus=gpus, after=after or [])
+            gpus = (1 if "downstream" in spec else planning.procs_per_run(tgt.config)) if tgt.gpus else None
+            queued = tgt.enqueue(run, command, attempt, gpus=gpus, after=after or [])
         else:
-            started = tgt.start(run, _command(tgt, run), attempt)
+            started = tgt.start(run, command, attempt)
     except OpsError as e:
         store.update_run(run, state=states.FAILED, reason=f"start failed: {e}", ended_at=time.time())
         return {"run": run, "started": False, "reason": str(e)}

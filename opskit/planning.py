@@ -65,6 +65,11 @@ def trainer_command(python: str, nproc: int, spec_path: str, nnodes: int = 1, rd
     return cmd + ["-m", "train.run", "--spec", spec_path]
 
 
+def downstream_command(python: str, spec_path: str) -> list[str]:
+    """A p2 job: export, lm-eval tasks, passkey (one process on one GPU)."""
+    return [python, "-m", "train.p2", "--spec", spec_path]
+
+
 def procs_per_run(target_config: dict) -> int:
     """GPU targets: one process per GPU of the run; CPU targets: `procs_per_run` (default 1)."""
     gpus = int(target_config.get("gpus") or 0)

@@ -94,3 +94,19 @@ def test_launch_of_a_gated_phase_uses_the_survivors(tmp_path):
     plan = operations.launch(store, "p1", dry_run=True)
     assert [p["run"] for p in plan] == ["p1/hybrid_a0.2_t100k/s42", "p1/hybrid_a0.2_t100k/s123", "p1/hybrid_a0.2_t100k/s7"]
     assert plan[0]["spec"]["train_tokens"] == 10_000_000_000
+
+
+def test_downstream_phase_waits_for_the_run_it_evaluates(tmp_path):
+    from opskit import operations
+    store = Store(tmp_path / "state.db")
+    with pytest.raises(OpsError, match="evaluates demo/geo_500k/s42, which was never launched"):
+        operations.launch(store, "demo_p2", configs=["geo_500k"], dry_run=True)
+    store.upsert_run({"name": "demo/geo_500k/s42", "phase": "demo", "config": "geo_500k", "seed": 42,
+                      "target": "local", "state": "training"}, reason="test")
+    plan = operations.launch(store, "demo_p2", configs=["geo_500k"], dry_run=True)
+    assert plan[0]["run"] == "demo_p2/geo_500k/s42" and plan[0]["after"] == ["demo/geo_500k/s42"]
+    assert plan[0]["command"][1:4] == ["-m", "train.p2", "--spec"]
+    assert plan[0]["spec"]["downstream"]["after"] == "demo"
+    assert plan[0]["spec"]["downstream"]["tasks"] == ["opskit_demo_recall"]
+    store.update_run("demo/geo_500k/s42", state="done")  # a finished source is nothing to wait for
+    assert operations.launch(store, "demo_p2", configs=["geo_500k"], dry_run=True)[0]["after"] == []
