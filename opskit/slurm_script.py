@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from submitit.slurm.slurm import _make_sbatch_string
 
+from opskit import planning
 from opskit.states import Observation
 
 JOB_SCRIPT = "remote/slurm_job.sh"  # relative to the code dir on the cluster
@@ -75,18 +76,12 @@ def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env
 
 
 def node_command(command: list[str], nodes: int) -> list[str]:
-    """The trainer command one node runs: single node as given; several nodes rendezvous (c10d) on the
-    first node of the allocation instead of `--standalone`."""
+    """The trainer command one node runs: single node as planned; several nodes rendezvous (c10d) on
+    the first node of the allocation, with the planned python, processes per node and spec."""
     if nodes <= 1:
         return list(command)
-    out = []
-    for a in command:
-        if a == "--standalone":
-            out += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={RDZV_PLACEHOLDER}",
-                    "--rdzv_id=opskit"]
-        else:
-            out.append(a)
-    return out
+    nproc = next((int(a.split("=", 1)[1]) for a in command if a.startswith("--nproc_per_node=")), 1)
+    return planning.trainer_command(command[0], nproc, command[-1], nnodes=nodes, rdzv=RDZV_PLACEHOLDER)
 
 
 # ------------------------------------------------------------------ answers

@@ -115,3 +115,24 @@ def test_dry_run_prints_the_sbatch_script(store):
     script = out[0]["sbatch"]
     assert script.startswith("#!/bin/bash") and "#SBATCH --requeue" in script and "#SBATCH --signal=USR1@120" in script
     assert "train.run --spec" in script and store.get_run(out[0]["run"]) is None
+
+
+def test_login_node_over_ssh(tmp_path, cluster):
+    """--login: files through the SSH target's connection and rsync, SLURM commands over the same ssh."""
+    import sshd
+    server = sshd.server()
+    with Store(tmp_path / "state.db") as s:
+        operations.add_target(s, "hpc-login", "slurm", {
+            "login": server.ssh_spec(), "key": str(server.key), "known_hosts": str(server.known_hosts),
+            "workdir": str(tmp_path / "shared"), "slurm_conf": str(cluster.conf), "python": sys.executable})
+        tgt = operations.get_target(s, "hpc-login")
+        assert tgt.client.login is not None and tgt.code_dir == f"{tmp_path}/shared/code"
+        tgt.sync()
+        run = "t/login/s1"
+        s.upsert_run({"name": run, "phase": "t", "config": "login", "seed": 1, "target": "hpc-login", "attempt": 1,
+                      "state": states.QUEUED, "run_dir": tgt.run_dir(run), "spec": {}}, reason="test")
+        started = tgt.start(run, ["bash", "-c", "echo on $(hostname) via login; exit 4"], attempt=1)
+        s.update_run(run, state=states.STARTING, job_id=started["job_id"])
+        row = wait_state(s, run, states.ENDED)
+        assert row["state"] == states.FAILED and row["exit_code"] == 4
+        assert "via login" in s.events(run)[-1]["reason"]

@@ -49,6 +49,14 @@ def test_multi_node_script_rendezvous_on_first_node_single_node_standalone():
         assert "slurm_job.sh finish /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42 $?" in text
 
 
+def test_one_process_per_node_on_two_nodes_still_uses_torchrun():
+    command = planning.trainer_command("/venv/bin/python", 1, "/w/spec.json")
+    assert command[1:3] == ["-m", "train.run"]
+    assert S.node_command(command, 2) == ["/venv/bin/python", "-m", "torch.distributed.run", "--nproc_per_node=1",
+                                          "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint={rdzv}",
+                                          "--rdzv_id=opskit", "-m", "train.run", "--spec", "/w/spec.json"]
+
+
 def test_options_are_checked():
     with pytest.raises(OpsError, match="--time"):
         SlurmTarget.config_from_options({"workdir": "/x", "time": "tomorrow"})

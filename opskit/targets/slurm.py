@@ -50,6 +50,8 @@ class SlurmTarget(Target):
                     raise OpsError(f"--key {options['key']}: no such file here (give the private key's path)")
                 config["key"] = str(key.resolve())
             config["workdir"] = options.get("workdir") or "~/opskit"
+            if options.get("slurm_conf"):  # a path on the login node
+                config["slurm_conf"] = options["slurm_conf"]
         else:
             from opskit.store import default_path
             name = options.get("name") or "slurm"
