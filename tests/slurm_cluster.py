@@ -111,8 +111,8 @@ class SlurmCluster:
 
     def _start_mariadb(self) -> None:
         data, sock = self.dir / "db", self.dir / "db" / "mysql.sock"
-        subprocess.run([_bin("mariadb-install-db"), "--user=root", f"--datadir={data}", "--auth-root-authentication-method=normal"],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run([_bin("mariadb-install-db"), "--user=root", f"--datadir={data}",
+                        "--auth-root-authentication-method=normal"], check=True, capture_output=True, timeout=120)
         log = open(self.dir / "log" / "mariadb.log", "ab")
         subprocess.Popen([_bin("mariadbd"), "--user=root", f"--datadir={data}", f"--socket={sock}",
                           f"--port={self.ports['db']}", "--bind-address=127.0.0.1",

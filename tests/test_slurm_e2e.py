@@ -4,7 +4,6 @@ run is requeued mid-run by SLURM (scontrol requeue) and resumes from its checkpo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
 def opskit(env: dict, state: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "opskit.cli", "--state", str(state), *args], capture_output=True,
                           text=True, timeout=300, env=env, cwd=state.parent)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"opskit {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, \
+        f"opskit {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
@@ -54,7 +54,8 @@ def test_demo_on_slurm_requeue_cancel_resume_pull(tmp_path):
 
     cluster.sh("scontrol", "requeue", job)  # as an admin or a preemption would: SIGTERM, then the job waits
     wait_for(env, state, lambda r: r["state"] == "queued", 60, "requeued job waits")
-    row = wait_for(env, state, lambda r: r["state"] == "training" and (r["step"] or 0) >= 80, 300, "requeued job resumes")
+    row = wait_for(env, state, lambda r: r["state"] == "training" and (r["step"] or 0) >= 80, 300,
+                   "requeued job resumes")
     assert row["job_id"] == job and row["attempt"] == 1
 
     opskit(env, state, "cancel", RUN)
