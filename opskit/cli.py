@@ -111,7 +111,9 @@ def launch(
         if dry_run:
             mark = "would start" if r["start"] else "refused"
             console.print(f"{mark}: [bold]{r['run']}[/bold] on {r['target']} ({r['reason']})")
-            console.print(f"  command: {' '.join(r['command'])}")
+            console.print(f"  command: {' '.join(r['command'])}", markup=False)
+            if r.get("sbatch"):
+                console.print(r["sbatch"], markup=False)
         elif r.get("queued"):
             console.print(f"[green]queued[/green] {r['run']} on {r['target']} at position {r['position']}")
         elif r.get("started"):

@@ -45,7 +45,7 @@ def add_target(store: Store, name: str, kind: str, options: dict, replace: bool 
     if name == "local":
         raise OpsError("'local' is the built-in local target; pick another name")
     from opskit.targets import target_class
-    config = target_class(kind).config_from_options(options)
+    config = target_class(kind).config_from_options({**options, "name": name})
     store.add_target(name, kind, config, replace=replace)
     return store.get_target(name)
 
@@ -261,6 +261,8 @@ def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target, queue_
         fields["started_at"] = time.time()
     if state in states.ENDED and row["state"] not in states.ENDED:
         fields["ended_at"] = time.time()
+    if getattr(obs, "restarts", None) and row.get("spec"):  # SLURM requeues count as attempts
+        fields["attempt"] = row["spec"]["attempt"] + obs.restarts
     store.update_run(row["name"], state=state, reason=reason, **fields)
 
 
