@@ -217,9 +217,8 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
             tgt = resolved[name]
             if isinstance(tgt, str):
                 raise OpsError(tgt)
-            # the queue first: a dead supervisor is restarted before its runs are looked at
-            queue = tgt.queue_state(ensure=True) if tgt.has_queue else None
-            return tgt, tgt.observe([r["name"] for r in by_target[name]]), queue, None
+            observations, queue = tgt.observe_with_queue([r["name"] for r in by_target[name]])
+            return tgt, observations, queue, None
         except (TargetUnreachable, OpsError, OSError) as e:
             return None, None, None, str(e)
 

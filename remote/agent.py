@@ -6,7 +6,7 @@ as a subprocess on the local target and over ssh on SSH targets, so both share o
 Each command prints one JSON document on stdout.
 
     agent.py start   --workdir W --run R [--env K=V ...] -- CMD...
-    agent.py observe --workdir W RUN...
+    agent.py observe --workdir W [--queue] RUN...
     agent.py signal  --workdir W --run R [--sig TERM]
     agent.py tail    --workdir W --run R [--lines N] [--follow]
     agent.py manifest --workdir W --run R
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--follow", action="store_true")
     p.add_argument("--top", action="store_true")
     p.add_argument("--ensure", action="store_true")
+    p.add_argument("--queue", action="store_true", help="observe: also the queue's state (one round trip)")
     a = p.parse_intermixed_args(argv)  # run names may come before or after the options
     if a.op == "tail":
         return tail(a.workdir, a.run, a.lines, a.follow)
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.op == "start":
         result = start(a.workdir, a.run, cmd, dict(e.split("=", 1) for e in a.env))
     elif a.op == "observe":
-        result = observe(a.workdir, a.runs)
+        queue = None
+        if a.queue:  # the queue first: a dead supervisor is restarted before its runs are looked at
+            a.op, a.ensure = "queue-state", True
+            queue = queue_op(a)
+        result = {**observe(a.workdir, a.runs), **({"queue": queue} if a.queue else {})}
     elif a.op == "signal":
         result = send_signal(a.workdir, a.run, a.sig)
     elif a.op == "manifest":

@@ -105,10 +105,14 @@ class Target(ABC):
     def observe(self, runs: list[str]) -> dict[str, Observation]:
         if not runs:
             return {}
-        answer = self.agent_json(["observe", "--workdir", self.workdir, *runs])
-        now = answer["now"]
-        return {run: Observation(status=o["status"], exit_code=o["exit_code"], alive=o["alive"], now=now,
-                                 started=o["started"]) for run, o in answer["runs"].items()}
+        return _observations(self.agent_json(["observe", "--workdir", self.workdir, *runs]))
+
+    def observe_with_queue(self, runs: list[str]) -> tuple[dict[str, Observation], dict | None]:
+        """Runs and (where the target has an opskit queue) the queue's state, in one round trip."""
+        if not self.has_queue:
+            return self.observe(runs), None
+        answer = self.agent_json(["observe", "--workdir", self.workdir, "--queue", *runs])
+        return _observations(answer), answer["queue"]
 
     def signal(self, run: str, sig: str = "TERM") -> dict:
         return self.agent_json(["signal", "--workdir", self.workdir, "--run", run, "--sig", sig])
@@ -149,6 +153,11 @@ class Target(ABC):
 
     def manifest(self, run: str) -> list[dict]:
         return self.agent_json(["manifest", "--workdir", self.workdir, "--run", run])["files"]
+
+
+def _observations(answer: dict) -> dict[str, Observation]:
+    return {run: Observation(status=o["status"], exit_code=o["exit_code"], alive=o["alive"], now=answer["now"],
+                             started=o["started"]) for run, o in answer["runs"].items()}
 
 
 def quote(argv: list[str]) -> str:
