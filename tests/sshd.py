@@ -63,6 +63,7 @@ class SSHServer:
 
     def start(self) -> None:
         Path("/run/sshd").mkdir(exist_ok=True)
+        self.pid_file.unlink(missing_ok=True)  # a killed sshd leaves its pid file: never read the old pid
         subprocess.run([SSHD, "-f", str(self.config), "-E", str(self.log)], check=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -62,7 +62,12 @@ def test_queue_keeps_running_while_sshd_is_down(tmp_path):
         for r in RUNS:  # each started exactly once, one after the other (a CPU box runs one at a time)
             log = (C.run_dir(workdir, r) / C.LOG).read_text()
             assert sum(1 for line in log.splitlines() if line.startswith("=== opskit attempt") and " started " in line) == 1
-        state = operations.get_target(store, "box").queue_state()
+        deadline = time.monotonic() + 30  # the supervisor notices the last exit within its poll interval
+        while True:
+            state = operations.get_target(store, "box").queue_state()
+            if len(state["finished"]) == len(RUNS) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert [f["run"] for f in state["finished"]] == RUNS and [f["exit_code"] for f in state["finished"]] == [0, 0, 0]
         if state["supervisor"]["alive"]:  # the one this test started; it would exit when idle anyway
             os.kill(state["supervisor"]["pid"], signal.SIGTERM)

@@ -56,7 +56,7 @@ def test_demo_on_slurm_requeue_cancel_resume_pull(tmp_path):
     wait_for(env, state, lambda r: r["state"] == "queued", 60, "requeued job waits")
     row = wait_for(env, state, lambda r: r["state"] == "training" and (r["step"] or 0) >= 80, 300,
                    "requeued job resumes")
-    assert row["job_id"] == job and row["attempt"] == 1
+    assert row["job_id"] == job and row["attempt"] == 2  # the same job, requeued: status counts it as an attempt
 
     opskit(env, state, "cancel", RUN)
     row = wait_for(env, state, lambda r: r["state"] in ("cancelled", "failed", "done"), 120, "cancel")
@@ -65,7 +65,7 @@ def test_demo_on_slurm_requeue_cancel_resume_pull(tmp_path):
 
     opskit(env, state, "resume", RUN)
     row = wait_for(env, state, lambda r: r["state"] in ("done", "failed", "cancelled", "lost"), 400, "finish")
-    assert row["state"] == "done" and row["attempt"] == 2 and row["job_id"] != job, row
+    assert row["state"] == "done" and row["attempt"] == 3 and row["job_id"] != job, row
 
     run_dir = workdir / "runs" / RUN
     log = (run_dir / "run.log").read_text()
