@@ -21,10 +21,6 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 DEFAULT_PATH = "state.db"
 
-# Progress fields copied from a run's heartbeat into its row.
-PROGRESS_FIELDS = ("step", "total_steps", "tokens", "loss", "tokens_per_s", "eta_s", "cache_bytes",
-                   "cache_tokens", "cache_target_tokens", "heartbeat_at", "checkpoint_step", "message")
-
 
 def _migration_1(db: sqlite_utils.Database) -> None:
     db["targets"].create({"name": str, "kind": str, "config": str, "created_at": float}, pk="name")

@@ -143,7 +143,6 @@ def find_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Path
 
 def load_run_model(run_dir: str | os.PathLike, step: int | None = None, device="cpu") -> LoadedRun:
     """Our GPT with the weights of a run's checkpoint (DCP, any world size), fp32, in eval mode."""
-    import torch
     import torch.distributed.checkpoint as dcp
 
     from train.model import GPT

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
