@@ -27,13 +27,56 @@ from opskit.store import Store  # noqa: E402
 from train import contract as C  # noqa: E402
 
 
-def setup(store: Store, servers: list, n_targets: int, n_runs: int, work: Path) -> list:
+class SlowLink:
+    """A TCP relay to 127.0.0.1:`port` that adds `rtt_ms` per round trip (half each way): a box across
+    the internet instead of on this machine. Runs in its own thread with an asyncio loop."""
+
+    def __init__(self, port: int, rtt_ms: float):
+        import asyncio
+        import socket
+        import threading
+        self.target, self.delay = port, rtt_ms / 2000
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def pipe(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    await asyncio.sleep(self.delay)
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(client_r, client_w):
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+        async def serve():
+            await asyncio.start_server(handle, sock=sock)
+            ready.set()
+
+        threading.Thread(target=lambda: (self.loop.run_until_complete(serve()), self.loop.run_forever()),
+                         daemon=True).start()
+        ready.wait(5)
+
+
+def setup(store: Store, servers: list, n_targets: int, n_runs: int, work: Path, rtt_ms: float = 0) -> list:
     """Targets and their runs; returns (target, run) pairs."""
     started = []
     for t in range(n_targets):
         server = servers[t % len(servers)]
         name = f"box{t}"
-        operations.add_target(store, name, "ssh", server.target_options("root", str(work / name)))
+        # the agent runs with the interpreter itself (here `python3` is pyenv's 100 ms shell shim; a box's is not)
+        options = server.target_options("root", str(work / name), agent_python=sys.executable)
+        if rtt_ms:
+            options["ssh"] = f"root@127.0.0.1:{SlowLink(server.port, rtt_ms).port}"
+        operations.add_target(store, name, "ssh", options)
         box = operations.get_target(store, name)
         box.sync()
         for r in range(n_runs):
@@ -70,6 +113,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="runs per target")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--shared-server", action="store_true", help="every target on one sshd (one pooled connection)")
+    p.add_argument("--rtt-ms", type=float, default=0,
+                   help="reach each box through a relay adding this round-trip time (rented boxes: 20-100 ms)")
     a = p.parse_args()
     servers = [sshd.SSHServer() for _ in range(1 if a.shared_server else a.targets)]
     started: list = []
@@ -79,8 +124,8 @@ def main() -> None:
             for s in servers:
                 s.start()
             with Store(work / "all.db") as all_store, Store(work / "one.db") as one_store:
-                started = setup(all_store, servers, a.targets, a.runs, work / "all")
-                started += setup(one_store, servers[:1], 1, a.runs, work / "one")
+                started = setup(all_store, servers, a.targets, a.runs, work / "all", a.rtt_ms)
+                started += setup(one_store, servers[:1], 1, a.runs, work / "one", a.rtt_ms)
                 cold_all, warm_all, cpu_all = time_refresh(all_store, a.repeat)
                 cold_one, warm_one, cpu_one = time_refresh(one_store, a.repeat)
                 states = {r["state"] for r in all_store.list_runs()}
@@ -92,6 +137,7 @@ def main() -> None:
             for s in servers:
                 s.cleanup()
     layout = "one shared sshd" if a.shared_server else f"{len(servers)} sshd servers"
+    layout += f", +{a.rtt_ms:g} ms round trip" if a.rtt_ms else ", loopback"
     print(json.dumps({"targets": a.targets, "runs_per_target": a.runs, "layout": layout,
                       "refresh_all_cold_s": round(cold_all, 3), "refresh_one_cold_s": round(cold_one, 3),
                       "refresh_all_warm_s": round(warm_all, 3), "refresh_one_warm_s": round(warm_one, 3),

@@ -72,7 +72,8 @@ class Target(ABC):
             raise OpsError(f"target {self.name}: agent answered unexpectedly: {out.strip()[:300]!r}") from None
 
     def _agent_argv(self) -> list[str]:
-        return [f"{self.code_dir}/remote/agent.py"]
+        # -S: the agent needs the standard library only; skipping site-packages halves its start-up
+        return ["-S", f"{self.code_dir}/remote/agent.py"]
 
     # -- lifecycle (overridden where a kind differs)
     def check(self) -> dict:

@@ -58,8 +58,9 @@ class SSHTarget(Target):
         config.setdefault("gpus", 0)
         if config.get("gpus_per_run") and config["gpus_per_run"] > config["gpus"]:
             raise OpsError(f"--gpus-per-run {config['gpus_per_run']} exceeds --gpus {config['gpus']}")
-        # Provisioning knobs (python: the trainer's; base_python: what the venv is made from).
-        for k in ("python", "base_python", "known_hosts"):
+        # Provisioning knobs (python: the trainer's; base_python: what the venv is made from;
+        # agent_python: what runs remote/agent.py, default the box's python3).
+        for k in ("python", "base_python", "agent_python", "known_hosts"):
             if options.get(k):
                 config[k] = str(options[k])
         for k in ("system_site_packages", "no_install"):
