@@ -169,13 +169,11 @@ def _start_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool, o
         store.update_run(run, state=states.QUEUED, reason=f"queued on {tgt.name} (attempt {attempt})",
                          attempt=attempt, spec=spec, queue_pos=queued["position"], pid=None, job_id=None,
                          started_at=None, ended_at=None, exit_code=None, cancel_requested=0, stale=0)
-        on_event(f"queued {run} on {tgt.name} at position {queued['position']} (attempt {attempt})")
         return {"run": run, "started": False, "queued": True, "attempt": attempt, "target": tgt.name,
                 "position": queued["position"], "seq": queued["seq"], "supervisor": queued["supervisor"]}
     store.update_run(run, state=states.STARTING, reason=f"started attempt {attempt}", attempt=attempt,
                      spec=spec, pid=started.get("pid"), job_id=started.get("job_id"), started_at=time.time(),
                      ended_at=None, exit_code=None, cancel_requested=0, stale=0)
-    on_event(f"started {run} on {tgt.name} (attempt {attempt})")
     return {"run": run, "started": True, "attempt": attempt, "target": tgt.name, **started}
 
 
