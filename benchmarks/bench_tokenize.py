@@ -2,7 +2,8 @@
 
 Baseline: `tokenizer.encode(text)` per document in a Python loop (the earlier scripts), ids
 collected in a list then written as one array. Cache build: train.data.cache.build_cache (batched,
-Rust-parallel, journaled) into a fresh cache directory. Both use the demo BPE on demo-stories.
+journaled, through the tiktoken engine of train/data/fast_bpe.py when it reproduces the tokenizer)
+into a fresh cache directory. Both use the demo BPE on demo-stories.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_tokenize.py --mb 30 [--workers 0] [--rounds 2]
 
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"text: {path.stat().st_size / 1e6:.1f} MB, {n_base} tokens, cores: {os.cpu_count()}, "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, best of {args.rounds} rounds")
     print(f"baseline (encode per text, Python loop): {n_base / t_base / 1e6:6.3f} M tokens/s  ({t_base:.1f} s)")
-    print(f"cache build (workers={args.workers}):            {n_cache / t_cache / 1e6:6.3f} M tokens/s  "
+    print(f"cache build ({tok.engine}, workers={args.workers}): {n_cache / t_cache / 1e6:6.3f} M tokens/s  "
           f"({t_cache:.1f} s)")
     print(f"speed-up: {t_base / t_cache * n_cache / n_base:.2f}x   identical tokens: {same}")
     if not args.dir:

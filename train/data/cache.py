@@ -162,14 +162,12 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """All texts' ids, each document followed by EOS, and the end offset of each document."""
-    ids = tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    ends = np.cumsum(lengths)
-    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()) - len(ids))
+    flat, lengths = tokenizer.encode_flat(texts)
     if len(flat) and int(flat.max()) >= tokenizer.vocab_size:
         raise DataError(f"tokenizer '{tokenizer.name}' produced id {int(flat.max())} >= its vocab_size "
                         f"{tokenizer.vocab_size}; refusing to write a {dtype} cache")
+    ends = np.cumsum(lengths + 1)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
     is_eos = np.zeros(len(out), dtype=bool)
     is_eos[ends - 1] = True
     out[is_eos] = tokenizer.eos_id
@@ -195,6 +193,8 @@ def _pool_init(tokenizer_json: str, name: str, vocab_size: int, eos_id: int):
     from tokenizers import Tokenizer as HFTokenizer
 
     _WORKER_TOKENIZER = Tokenizer(name, vocab_size, eos_id, HFTokenizer.from_str(tokenizer_json))
+    if _WORKER_TOKENIZER.fast_engine():
+        _WORKER_TOKENIZER.fast_engine().threads = 1  # the pool is the parallelism
 
 
 @contextmanager
@@ -251,7 +251,7 @@ def _build(tok_dir: Path, key: str, base_key: str, settings: dict, sources, spli
                      "tokens_per_s": rate, "eta_s": left / rate if rate > 0 and left is not None else None,
                      "message": message})
 
-    resumed = " (resumed)" if journal["docs"] else ""
+    resumed = (" (resumed)" if journal["docs"] else "") + f" with {tokenizer.engine}"
     report(f"building cache {name}{resumed}", force=True)
     docs = itertools.islice(mixture_documents(sources, split, cache_root, seed), journal["docs"], None)
     exhausted = True
@@ -280,7 +280,7 @@ def _build(tok_dir: Path, key: str, base_key: str, settings: dict, sources, spli
         raise DataError(f"dataset {name} has no text: nothing to cache")
     meta = {**settings, "key": key, "base_key": base_key, "max_tokens": max_tokens,
             "n_tokens": journal["tokens"], "n_docs": journal["docs"], "text_bytes": journal["text_bytes"],
-            "exhausted": exhausted, "created_at": time.time()}
+            "exhausted": exhausted, "created_at": time.time(), "encoder": tokenizer.engine}
     atomic_write_json(partial / "meta.json", meta)
     os.replace(bin_path, partial / "tokens.bin")
     journal_path.unlink()

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from train.data.registry import DataError
@@ -29,9 +31,37 @@ class Tokenizer:
     eos_id: int
     backend: HFTokenizer = field(repr=False)
     vocab_hash: str = ""  # hash of the full tokenizer definition; part of every cache key
+    _fast: object = field(default=None, repr=False)  # FastBPE, False when unavailable, None: not tried
+    fast_unavailable: str = ""  # why the tiktoken engine is not used ("" while it is)
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(every text's ids in order, the number of ids of each text), no special tokens: through the
+        tiktoken engine when it reproduces this tokenizer (train/data/fast_bpe.py), else Hugging Face's
+        Rust encoder across the batch."""
+        fast = self.fast_engine()
+        if fast:
+            return fast.encode_flat(texts)
+        ids = self._hf_encode_batch(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, no special tokens; Rust-parallel across the batch."""
+        flat, lengths = self.encode_flat(texts)
+        return [a.tolist() for a in np.split(flat, np.cumsum(lengths)[:-1])] if texts else []
+
+    def fast_engine(self):
+        if self._fast is None:
+            from train.data.fast_bpe import FastBPE
+
+            self._fast, self.fast_unavailable = FastBPE.build(self.backend.to_str(), self._hf_encode_batch)
+            self._fast = self._fast or False
+        return self._fast
+
+    @property
+    def engine(self) -> str:
+        return "tiktoken" if self.fast_engine() else "tokenizers"
+
+    def _hf_encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
