@@ -434,6 +434,11 @@ def targets_add(
     system_site_packages: bool = typer.Option(False, "--system-site-packages",
                                               help="Let the venv see the box's packages (a preinstalled torch)."),
     no_install: bool = typer.Option(False, "--no-install", help="prepare checks only; installs nothing."),
+    torch_index: Optional[str] = typer.Option(None, "--torch-index",
+                                              help="Where prepare gets torch: an index URL or a folder of wheels "
+                                                   "on the box (default: download.pytorch.org for its CUDA)."),
+    agent_python: Optional[str] = typer.Option(None, "--agent-python",
+                                               help="python3 on the box that runs opskit's agent (stdlib only)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing target of that name."),
 ):
     """Register a target.
@@ -446,7 +451,7 @@ def targets_add(
                "python": python, "partition": partition, "account": account, "qos": qos, "nodes": nodes,
                "gpus_per_node": gpus_per_node, "time": time_limit, "login": login, "known_hosts": known_hosts,
                "base_python": base_python, "system_site_packages": system_site_packages or None,
-               "no_install": no_install or None}
+               "no_install": no_install or None, "torch_index": torch_index, "agent_python": agent_python}
     kind = "slurm" if slurm else "ssh" if ssh else None
     if kind is None:
         raise OpsError("say what the target is: --ssh USER@HOST[:PORT] or --slurm")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Provision a box to run the trainer; run on the box by `opskit targets prepare` (after the code sync).
-#   prepare.sh --workdir W --code C [--python P] [--gpus N] [--base-python B] [--system-site-packages] [--no-install]
+#   prepare.sh --workdir W --code C [--python P] [--gpus N] [--base-python B] [--system-site-packages]
+#              [--no-install] [--torch-index URL|DIR]
 # Each step prints `step <name>: ...`; a failing step prints `prepare failed at step <name>: <reason>`
 # and exits 1. A marker <workdir>/.prepared (hash of pyproject.toml, this script and the options)
 # makes a repeated prepare skip the venv and package steps.
 set -uo pipefail
 
-workdir="" code="" python="" gpus=0 base_python=python3 system_site=0 install=1
+workdir="" code="" python="" gpus=0 base_python=python3 system_site=0 install=1 torch_from=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --workdir) workdir=$2; shift 2 ;;
@@ -16,6 +17,7 @@ while [ $# -gt 0 ]; do
     --base-python) base_python=$2; shift 2 ;;
     --system-site-packages) system_site=1; shift ;;
     --no-install) install=0; shift ;;
+    --torch-index) torch_from=$2; shift 2 ;;
     *) echo "prepare failed at step arguments: unknown option $1"; exit 1 ;;
   esac
 done
@@ -62,6 +64,17 @@ else
   step gpu "none (CPU)"
 fi
 
+# -- a configured torch source (a mirror, or a folder of wheels on a box without internet) wins
+if [ -n "$torch_from" ]; then
+  torch_index=$torch_from
+  step torch "torch wheels from $torch_index (configured)"
+fi
+if [ -d "$torch_index" ]; then
+  torch_pip_args=(--find-links "$torch_index")  # its dependencies still come from the default index
+else
+  torch_pip_args=(--index-url "$torch_index")
+fi
+
 # -- marker: nothing below changed since the last successful prepare
 hash=$(cat "$code/pyproject.toml" "$code/remote/prepare.sh" 2>/dev/null | { cat; echo "$python $base_python $system_site $torch_index"; } | sha256sum | cut -c1-16)
 # (find_spec instead of import: a repeated prepare takes well under a second, importing torch takes seconds)
@@ -105,7 +118,7 @@ EOF
   torch_req=$(printf '%s\n' "$reqs" | grep '^torch' | head -1)
   step packages "installing $torch_req from $torch_index"
   "$python" -m pip install --quiet --upgrade pip >/dev/null 2>&1
-  "$python" -m pip install --quiet "$torch_req" --index-url "$torch_index" 2>&1 | tail -5 || true
+  "$python" -m pip install --quiet "$torch_req" "${torch_pip_args[@]}" 2>&1 | tail -5 || true
   "$python" -c 'import torch' 2>/dev/null || fail packages "pip could not install $torch_req from $torch_index"
   step packages "installing $(printf '%s\n' "$reqs" | grep -v '^torch' | tr '\n' ' ')"
   # shellcheck disable=SC2046

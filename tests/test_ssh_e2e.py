@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,13 +19,15 @@ from opskit import operations  # noqa: E402
 from opskit.store import Store  # noqa: E402
 
 RUN = "demo/hybrid_a0.2_t100k/s42"
+TORCH_WHEELS = "/opt/wheels"  # where this machine kind keeps its CPU torch wheel (pip's find-links)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def opskit(state: Path, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def opskit(state: Path, *args: str, check: bool = True, cwd: Path | None = None,
+           timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "opskit.cli", "--state", str(state), *args], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=cwd)
+                          text=True, timeout=timeout, env=env, cwd=cwd)
     assert "Traceback" not in proc.stderr, proc.stderr
     if check:
         assert proc.returncode == 0, f"opskit {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
@@ -47,17 +50,33 @@ def wait_for(state: Path, pred, timeout: float, what: str, run: str = RUN) -> di
     raise AssertionError(f"run never {what}; last: {row}")
 
 
-def test_demo_run_over_ssh_survives_sshd_restart_and_pulls_no_weights(tmp_path):
+@pytest.fixture
+def user_workdir():
+    """A fresh work directory in the non-root test user's home; removed afterwards (its venv is ~1.4 GB)."""
+    home = Path(sshd.ensure_user().pw_dir)
+    workdir = home / f"opskit-e2e-{os.getpid()}-{time.monotonic_ns()}"
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_demo_run_over_ssh_as_non_root_survives_sshd_restart_and_pulls_no_weights(tmp_path, user_workdir):
+    """The whole path as a plain user on a bare box: prepare builds a venv from the box's
+    /usr/bin/python3 and pip-installs the trainer's packages into it for real (torch from the
+    machine's wheel folder, the rest from PyPI), then the demo run goes to done through an sshd
+    restart and pull brings back no weights."""
+    assert list(Path(TORCH_WHEELS).glob("torch-*.whl")), f"no torch wheel in {TORCH_WHEELS} on this machine"
     server = sshd.server()
     state = tmp_path / "state.db"
-    workdir = tmp_path / "box"
-    with Store(state) as store:  # base_python/system_site_packages/known_hosts have no CLI flags (yet)
-        operations.add_target(store, "box", "ssh", server.target_options(
-            "root", str(workdir), base_python=sys.executable, system_site_packages=True))
+    workdir = user_workdir
+    opskit(state, "targets", "add", "box", "--ssh", server.ssh_spec(sshd.TEST_USER), "--key", str(server.key),
+           "--known-hosts", str(server.known_hosts), "--workdir", f"~/{workdir.name}",
+           "--base-python", "/usr/bin/python3", "--torch-index", TORCH_WHEELS)
 
     facts = json.loads(opskit(state, "targets", "check", "box", "--json").stdout)
     assert facts["reachable"] and facts["gpus"] == 0
-    assert "ready" in opskit(state, "targets", "prepare", "box").stdout
+    prepared = opskit(state, "targets", "prepare", "box", timeout=420).stdout
+    assert "ready" in prepared and "step venv: created" in prepared and "installed (torch 2.13.0" in prepared, prepared
+    assert (workdir / "venv" / "pyvenv.cfg").stat().st_uid == sshd.ensure_user().pw_uid
 
     opskit(state, "launch", "demo", "--config", "hybrid_a0.2_t100k", "--seed", "42", "--target", "box")
     wait_for(state, lambda r: r["state"] in ("tokenizing", "training"), 240, "started")

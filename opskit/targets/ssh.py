@@ -60,7 +60,7 @@ class SSHTarget(Target):
             raise OpsError(f"--gpus-per-run {config['gpus_per_run']} exceeds --gpus {config['gpus']}")
         # Provisioning knobs (python: the trainer's; base_python: what the venv is made from;
         # agent_python: what runs remote/agent.py, default the box's python3).
-        for k in ("python", "base_python", "agent_python", "known_hosts"):
+        for k in ("python", "base_python", "agent_python", "known_hosts", "torch_index"):
             if options.get(k):
                 config[k] = str(options[k])
         for k in ("system_site_packages", "no_install"):
@@ -141,6 +141,8 @@ class SSHTarget(Target):
             argv.append("--system-site-packages")
         if self.config.get("no_install"):
             argv.append("--no-install")
+        if self.config.get("torch_index"):
+            argv += ["--torch-index", self.config["torch_index"]]
         lines: list[str] = []
 
         def relay(line: str) -> None:
