@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -91,20 +92,36 @@ def setup(store: Store, servers: list, n_targets: int, n_runs: int, work: Path, 
     return started
 
 
-def time_refresh(store: Store, repeat: int) -> tuple[float, float, float]:
-    """(cold, warm median, warm client CPU median) seconds; cold starts with no pooled connection."""
+def machine_busy_s() -> float:
+    """CPU seconds this whole machine (every core, every process: sshd, agents, opskit) has been busy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def time_refresh(store: Store, repeat: int) -> dict[str, float]:
+    """Cold (no pooled connection), then medians over `repeat` warm refreshes: wall, opskit's own CPU,
+    the machine's CPU, and wall when the targets are refreshed one after another instead of at once."""
     ssh_connection.close_all()
     t0 = time.perf_counter()
     health = operations.refresh(store)
     cold = time.perf_counter() - t0
     assert all(v is None for v in health.values()), health
-    warm, cpu = [], []
+    by_target: dict[str, list[str]] = {}
+    for r in store.list_runs():
+        by_target.setdefault(r["target"], []).append(r["name"])
+    warm, cpu, busy, sequential = [], [], [], []
     for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, b0 = time.perf_counter(), time.process_time(), machine_busy_s()
         operations.refresh(store)
         warm.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return cold, statistics.median(warm), statistics.median(cpu)
+        busy.append(machine_busy_s() - b0)
+        t0 = time.perf_counter()
+        for runs in by_target.values():
+            operations.refresh(store, runs=runs)
+        sequential.append(time.perf_counter() - t0)
+    med = statistics.median
+    return {"cold": cold, "warm": med(warm), "cpu": med(cpu), "busy": med(busy), "sequential": med(sequential)}
 
 
 def main() -> None:
@@ -126,8 +143,7 @@ def main() -> None:
             with Store(work / "all.db") as all_store, Store(work / "one.db") as one_store:
                 started = setup(all_store, servers, a.targets, a.runs, work / "all", a.rtt_ms)
                 started += setup(one_store, servers[:1], 1, a.runs, work / "one", a.rtt_ms)
-                cold_all, warm_all, cpu_all = time_refresh(all_store, a.repeat)
-                cold_one, warm_one, cpu_one = time_refresh(one_store, a.repeat)
+                t_all, t_one = time_refresh(all_store, a.repeat), time_refresh(one_store, a.repeat)
                 states = {r["state"] for r in all_store.list_runs()}
                 assert states == {"training"}, states
         finally:
@@ -138,15 +154,23 @@ def main() -> None:
                 s.cleanup()
     layout = "one shared sshd" if a.shared_server else f"{len(servers)} sshd servers"
     layout += f", +{a.rtt_ms:g} ms round trip" if a.rtt_ms else ", loopback"
-    print(json.dumps({"targets": a.targets, "runs_per_target": a.runs, "layout": layout,
-                      "refresh_all_cold_s": round(cold_all, 3), "refresh_one_cold_s": round(cold_one, 3),
-                      "refresh_all_warm_s": round(warm_all, 3), "refresh_one_warm_s": round(warm_one, 3),
-                      "ratio_cold": round(cold_all / cold_one, 2), "ratio_warm": round(warm_all / warm_one, 2),
-                      "opskit_cpu_all_warm_s": round(cpu_all, 3), "opskit_cpu_one_warm_s": round(cpu_one, 3)},
-                     indent=1))
-    print(f"refresh over {a.targets} SSH targets x {a.runs} runs ({layout}): warm {warm_all * 1000:.0f} ms vs one "
-          f"target {warm_one * 1000:.0f} ms (x{warm_all / warm_one:.2f}); cold {cold_all * 1000:.0f} ms vs "
-          f"{cold_one * 1000:.0f} ms (x{cold_all / cold_one:.2f})")
+    cores = os.cpu_count() or 1
+    print(json.dumps({"targets": a.targets, "runs_per_target": a.runs, "layout": layout, "cores": cores,
+                      "refresh_all_cold_s": round(t_all["cold"], 3), "refresh_one_cold_s": round(t_one["cold"], 3),
+                      "refresh_all_warm_s": round(t_all["warm"], 3), "refresh_one_warm_s": round(t_one["warm"], 3),
+                      "refresh_all_one_after_another_s": round(t_all["sequential"], 3),
+                      "ratio_cold": round(t_all["cold"] / t_one["cold"], 2),
+                      "ratio_warm": round(t_all["warm"] / t_one["warm"], 2),
+                      "opskit_cpu_all_warm_s": round(t_all["cpu"], 3), "opskit_cpu_one_warm_s": round(t_one["cpu"], 3),
+                      "machine_cpu_all_warm_s": round(t_all["busy"], 3),
+                      "machine_cpu_one_warm_s": round(t_one["busy"], 3)}, indent=1))
+    print(f"refresh over {a.targets} SSH targets x {a.runs} runs ({layout}): warm {t_all['warm'] * 1000:.0f} ms "
+          f"vs one target {t_one['warm'] * 1000:.0f} ms (x{t_all['warm'] / t_one['warm']:.2f}); the same targets "
+          f"one after another {t_all['sequential'] * 1000:.0f} ms; cold {t_all['cold'] * 1000:.0f} ms vs "
+          f"{t_one['cold'] * 1000:.0f} ms (x{t_all['cold'] / t_one['cold']:.2f})")
+    print(f"every simulated box runs on this machine's {cores} cores: one warm refresh of all targets keeps them "
+          f"busy {t_all['busy']:.2f} CPU-s (at least {t_all['busy'] / cores * 1000:.0f} ms of wall on {cores} "
+          f"cores), of which opskit itself {t_all['cpu']:.2f} s")
 
 
 if __name__ == "__main__":
