@@ -90,6 +90,15 @@ if [ "$python" = "$venv/bin/python" ]; then
     flags=""; [ "$system_site" = 1 ] && flags="--system-site-packages"
     out=$("$base_python" -m venv $flags "$venv" 2>&1) || fail venv "$base_python -m venv failed: $(echo "$out" | tail -1) (Debian/Ubuntu: apt-get install python3-venv)"
     step venv "created $venv${flags:+ ($flags)}"
+    # A base python that is itself a venv: --system-site-packages alone would reach past it to the
+    # interpreter it was made from, so point the new venv at the base venv's packages as well.
+    base_site=$("$base_python" -c 'import sys, sysconfig
+print(sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else "")')
+    if [ "$system_site" = 1 ] && [ -n "$base_site" ]; then
+      site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      echo "$base_site" > "$site/opskit-base-venv.pth"
+      step venv "sees the packages of the base venv $base_site"
+    fi
   else
     step venv "$venv exists"
   fi

@@ -62,7 +62,7 @@ def test_prepare_creates_a_venv_then_repeats_in_seconds(store, tmp_path):
     workdir = tmp_path / "wd"
     options = server.target_options("root", str(workdir), base_python=sys.executable, system_site_packages=True)
     lines = prepare(store, "box", options)
-    steps = [line.split(":")[0] for line in lines if line.startswith("step ")]
+    steps = list(dict.fromkeys(line.split(":")[0] for line in lines if line.startswith("step ")))
     assert steps == ["step python3", "step disk", "step gpu", "step venv", "step packages", "step done"], lines
     assert "created" in lines[3] and "--system-site-packages" in lines[3]
     assert (workdir / "venv" / "bin" / "python").exists() and (workdir / ".prepared").exists()
