@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def send_signal(workdir: str, run: str, sig: str) -> dict:
 
 
 def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
-    """Print the last `lines` lines of run.log (raw text, not JSON); with follow, keep printing."""
+    """Print the last `lines` lines of run.log (raw text, not JSON); with follow, keep printing until the
+    run ends or nobody reads any more (Ctrl-C on `opskit logs --follow` closes the ssh channel)."""
     run_dir = C.run_dir(workdir, run)
     log = run_dir / C.LOG
     if not log.exists():
@@ -119,12 +121,14 @@ def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
         if not follow:
             return
         while not log.exists():
+            if _reader_gone():
+                return
             time.sleep(0.5)
     with open(log, "rb") as f:
         data = f.read()
         sys.stdout.write(b"\n".join(data.splitlines()[-lines:]).decode(errors="replace") + ("\n" if data else ""))
         sys.stdout.flush()
-        while follow:
+        while follow and not _reader_gone():
             chunk = f.read()
             if chunk:
                 sys.stdout.write(chunk.decode(errors="replace"))
@@ -133,6 +137,14 @@ def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
                 return
             else:
                 time.sleep(0.5)
+
+
+def _reader_gone() -> bool:
+    """Whether the read end of our stdout is closed: poll() flags a pipe or socket whose peer has gone
+    with POLLERR/POLLHUP, without writing anything into the stream."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), 0)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def manifest(workdir: str, run: str) -> dict:

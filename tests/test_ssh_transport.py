@@ -183,6 +183,25 @@ def test_logs_follow_streams_until_the_run_ends(synced_box):
     assert "ended" in text and time.monotonic() - t0 < 15
 
 
+def test_logs_follow_stops_on_the_box_when_the_reader_goes_away(synced_box):
+    """Ctrl-C on `opskit logs --follow` closes the channel; the box's tail must not keep running."""
+    box, run = synced_box, "t/quiet/s1"
+    box.start(run, ["bash", "-c", "echo first; exec sleep 60"], attempt=1)
+    lines = box.logs(run, lines=5, follow=True)
+    assert "first" in next(iter(lines))
+    lines.close()
+
+    def tails() -> list[str]:
+        out = subprocess.run(["pgrep", "-f", f"agent.py tail .*{run}"], capture_output=True, text=True).stdout
+        return out.split()
+
+    deadline = time.monotonic() + 10
+    while tails() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not tails(), "agent.py tail --follow still running on the box"
+    box.signal(run, "KILL")
+
+
 def test_non_root_user_with_home_workdir(server, store):
     user = sshd.ensure_user()
     box = add_box(store, server, name="userbox", user=sshd.TEST_USER, workdir="~/opskit-tests")
