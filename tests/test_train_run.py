@@ -251,3 +251,39 @@ def read_json_safe(path):
         return read_json(path)
     except json.JSONDecodeError:
         raise AssertionError(f"{path} was read while half-written")
+
+
+SLOW_TO_STOP = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(float(sys.argv[2])), sys.exit(75)))
+pathlib.Path(sys.argv[1]).touch()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("grace, stop_s, killed", [(2, 6, True), (20, 3, False)])
+def test_torchrun_waits_the_signal_grace_for_a_checkpointing_worker(tmp_path, grace, stop_s, killed):
+    """opskit gives every run TORCH_ELASTIC_SHUTDOWN_TIMEOUT (train.contract.SIGNAL_GRACE_S): torchrun
+    must wait that long for a worker that takes its time to checkpoint after SIGTERM, and no longer."""
+    from opskit.targets.local import LocalTarget
+
+    assert LocalTarget("local", {}).trainer_env(1)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"
+    script, ready = tmp_path / "worker.py", tmp_path / "ready"
+    script.write_text(SLOW_TO_STOP)
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             str(script), str(ready), str(stop_s)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    waited = time.monotonic() - t0
+    if killed:  # the worker needed longer than the grace: SIGKILL after about `grace` seconds
+        assert grace - 0.5 < waited < stop_s, (waited, out)
+    else:  # the worker finished its "checkpoint" inside the grace
+        assert stop_s - 0.5 < waited < grace, (waited, out)
+    assert ("forcefully exiting via 9" in out) == killed, out

@@ -31,6 +31,11 @@ EXIT_OK = 0
 EXIT_BAD_SPEC = 2
 EXIT_INTERRUPTED = 75  # signalled, checkpoint saved; resume continues the run
 
+# How long torchrun waits, after forwarding SIGTERM, for its workers to checkpoint and exit before it
+# SIGKILLs them (torch's default, 30 s, is shorter than a large model's checkpoint). Given to every run
+# as TORCH_ELASTIC_SHUTDOWN_TIMEOUT: an environment variable, which a box with an older torch ignores.
+SIGNAL_GRACE_S = 300
+
 HEARTBEAT_MAX_INTERVAL_S = 30.0
 
 

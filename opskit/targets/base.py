@@ -91,7 +91,8 @@ class Target(ABC):
         self.agent_json(["write", "--workdir", self.workdir, "--path", rel], stdin=json.dumps(spec, indent=1))
 
     def trainer_env(self, attempt: int) -> dict[str, str]:
-        env = {"PYTHONPATH": self.code_dir, "OPSKIT_ATTEMPT": str(attempt), "PYTHONUNBUFFERED": "1"}
+        env = {"PYTHONPATH": self.code_dir, "OPSKIT_ATTEMPT": str(attempt), "PYTHONUNBUFFERED": "1",
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(C.SIGNAL_GRACE_S)}
         if self.gpus == 0:
             env["OMP_NUM_THREADS"] = str(self.config.get("threads_per_run", 1))
         return env

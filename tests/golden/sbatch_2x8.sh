@@ -18,6 +18,7 @@
 export OPSKIT_ATTEMPT=1
 export PYTHONPATH=/scratch/alice/opskit/code
 export PYTHONUNBUFFERED=1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300
 rm -f /scratch/alice/opskit/runs/demo/hybrid_a0.2_t100k/s42/exit_code  # an earlier attempt's
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OPSKIT_RDZV="$first_node:$(( 20000 + SLURM_JOB_ID % 20000 ))"
