@@ -214,21 +214,24 @@ def logs(
 
 @app.command()
 def cancel(runs: List[str] = typer.Argument(..., help="Run names."),
+           now: bool = typer.Option(False, "--now", help="SIGKILL at once, no checkpoint (a hung run)."),
            as_json: bool = typer.Option(False, "--json")):
     """Stop runs: the trainer saves a checkpoint and exits (resume continues it).
 
     Example: opskit cancel demo/geo_500k/s42
+    Example: opskit cancel demo/geo_500k/s42 --now    # hung: kill it; resume starts from the last checkpoint
     """
     from opskit import operations
     with _store() as store:
-        result = operations.cancel(store, runs)
+        result = operations.cancel(store, runs, now=now)
     if as_json:
         return _print_json(result)
     for r in result:
         if not r["cancelled"]:
             typer.echo(f"{r['run']}: not cancelled ({r['reason']})")
         else:
-            typer.echo(f"{r['run']}: {'removed from the queue' if r.get('removed_from_queue') else 'signalled'}")
+            done = "removed from the queue" if r.get("removed_from_queue") else "killed" if now else "signalled"
+            typer.echo(f"{r['run']}: {done}")
 
 
 @app.command()

@@ -305,8 +305,9 @@ def _estimated_starts(store: Store, targets: set[str]) -> dict[str, float | None
 # ------------------------------------------------------------------ cancel / resume / logs
 
 
-def cancel(store: Store, runs: list[str]) -> list[dict]:
-    """Ask each run's trainer to checkpoint and stop (SIGTERM through the launcher)."""
+def cancel(store: Store, runs: list[str], now: bool = False) -> list[dict]:
+    """Ask each run's trainer to checkpoint and stop (SIGTERM through the launcher). `now`: SIGKILL its
+    whole process group instead, with no checkpoint (a hung run); resume continues from its last one."""
     out = []
     for name in runs:
         row = store.require_run(name)
@@ -320,8 +321,13 @@ def cancel(store: Store, runs: list[str]) -> list[dict]:
                              queue_pos=None, ended_at=time.time())
             out.append({"run": name, "cancelled": True, "removed_from_queue": True})
             continue
-        answer = tgt.signal(name, "TERM")
-        if not answer.get("signalled") and row["state"] in (states.QUEUED,):
+        answer = tgt.signal(name, "KILL" if now else "TERM")
+        if now:
+            ckpt = row.get("checkpoint_step")
+            store.update_run(name, state=states.CANCELLED, ended_at=time.time(), stale=0,
+                             reason="killed by `cancel --now`, no checkpoint taken; resume continues from "
+                                    + (f"step {ckpt}" if ckpt is not None else "its last checkpoint"))
+        elif not answer.get("signalled") and row["state"] in (states.QUEUED,):
             store.update_run(name, state=states.CANCELLED, reason="cancelled before it started",
                              ended_at=time.time())
         out.append({"run": name, "cancelled": True, **answer})

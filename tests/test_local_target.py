@@ -114,6 +114,23 @@ def test_cancel_checkpoints_and_shows_cancelled(cli):
     assert row["state"] == "cancelled", (row, cli("logs", run, "--lines", "40").stdout)
 
 
+def test_cancel_now_kills_the_whole_run_at_once(cli):
+    run = "e2e_long/geo_500k/s7"
+    cli("launch", "e2e_long", "--matrix", MATRIX, "--config", "geo_500k")
+    wait_for(cli, run, lambda r: (r["step"] or 0) >= 3 or r["state"] in ("done", "failed", "lost"))
+    run_dir = Path(json.loads(cli("runs", "show", run, "--json").stdout)["run_dir"])
+    trainer_pid = json.loads((run_dir / "status.json").read_text())["pid"]
+    assert "killed" in cli("cancel", run, "--now").stdout
+    row = status(cli, run)
+    assert row["state"] == "cancelled", row
+    deadline = time.time() + 10
+    while Path(f"/proc/{trainer_pid}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{trainer_pid}").exists(), "trainer still alive after cancel --now"
+    shown = json.loads(cli("runs", "show", run, "--json").stdout)
+    assert "cancel --now" in shown["events"][-1]["reason"], shown["events"][-1]
+
+
 def test_unknown_names_are_clear_errors(cli):
     bad = cli("launch", "e2e", "--matrix", MATRIX, "--config", "geo_50k", check=False)
     assert bad.returncode != 0 and "did you mean geo_500k" in bad.stderr and "Traceback" not in bad.stderr
