@@ -104,11 +104,40 @@ def send_signal(workdir: str, run: str, sig: str) -> dict:
     if not _pid_alive(run_dir):
         return {"signalled": False, "reason": "not running"}
     pid = int((run_dir / C.PID).read_text().split()[0])
-    if sig == "KILL":  # nothing can forward it: kill the launcher's whole session (it leads its group)
-        os.killpg(pid, signal.SIGKILL)
+    if sig == "KILL":  # nothing can forward it: kill every process of the run ourselves
+        _kill_tree(pid)
     else:  # the launcher forwards it to the trainer, which checkpoints first
         os.kill(pid, getattr(signal, f"SIG{sig}"))
     return {"signalled": True, "pid": pid}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, its process group and every descendant. torchrun starts each worker in a session
+    of its own, so the launcher's group alone would leave the workers running (and holding GPUs). All
+    are stopped first, so that no launcher sees a worker die and starts another."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = [pid], [pid]
+    while frontier:
+        kids = [child for child, parent in parents.items() if parent in frontier]
+        tree += kids
+        frontier = kids
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in tree:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def tail(workdir: str, run: str, lines: int, follow: bool) -> None:

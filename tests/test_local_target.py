@@ -131,6 +131,38 @@ def test_cancel_now_kills_the_whole_run_at_once(cli):
     assert "cancel --now" in shown["events"][-1]["reason"], shown["events"][-1]
 
 
+SLEEPY_WORKER = """
+import os, pathlib, sys, time
+pathlib.Path(sys.argv[1], f"worker{os.environ['LOCAL_RANK']}.pid").write_text(str(os.getpid()))
+time.sleep(300)
+"""
+
+
+def test_kill_reaches_torchrun_workers_in_their_own_sessions(tmp_path):
+    """torchrun puts each worker in a new session: KILL (cancel --now, resume of a stalled run) must
+    still end every worker, not only the launcher's process group."""
+    from opskit.targets.local import LocalTarget
+
+    box = LocalTarget("local", {"workdir": str(tmp_path / "wd")})
+    script = tmp_path / "worker.py"
+    script.write_text(SLEEPY_WORKER)
+    run = "t/torchrun/s1"
+    box.start(run, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), str(tmp_path)], attempt=1, extra_env={"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("worker*.pid"))) < 2:
+        assert time.time() < deadline, "torchrun workers never started"
+        time.sleep(0.2)
+    workers = [int(p.read_text()) for p in tmp_path.glob("worker*.pid")]
+    assert all(os.getsid(w) == w for w in workers)  # each leads its own session
+    assert box.signal(run, "KILL")["signalled"]
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "workers outlived KILL"
+    assert not box.observe([run])[run].alive
+
+
 def test_unknown_names_are_clear_errors(cli):
     bad = cli("launch", "e2e", "--matrix", MATRIX, "--config", "geo_50k", check=False)
     assert bad.returncode != 0 and "did you mean geo_500k" in bad.stderr and "Traceback" not in bad.stderr
