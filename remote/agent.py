@@ -111,10 +111,8 @@ def send_signal(workdir: str, run: str, sig: str) -> dict:
     return {"signalled": True, "pid": pid}
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL `pid`, its process group and every descendant. torchrun starts each worker in a session
-    of its own, so the launcher's group alone would leave the workers running (and holding GPUs). All
-    are stopped first, so that no launcher sees a worker die and starts another."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from the parent pids in /proc."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -123,11 +121,18 @@ def _kill_tree(pid: int) -> None:
                     parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 pass
-    tree, frontier = [pid], [pid]
+    out, frontier = [], [pid]
     while frontier:
-        kids = [child for child, parent in parents.items() if parent in frontier]
-        tree += kids
-        frontier = kids
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        out += frontier
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, its process group and every descendant. torchrun starts each worker in a session
+    of its own, so the launcher's group alone would leave the workers running (and holding GPUs). All
+    are stopped first, so that no launcher sees a worker die and starts another."""
+    tree = [pid, *descendants(pid)]
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for p in tree:
             try:

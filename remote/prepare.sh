@@ -92,9 +92,9 @@ if [ "$python" = "$venv/bin/python" ]; then
     step venv "created $venv${flags:+ ($flags)}"
     # A base python that is itself a venv: --system-site-packages alone would reach past it to the
     # interpreter it was made from, so point the new venv at the base venv's packages as well.
-    base_site=$("$base_python" -c 'import sys, sysconfig
+    [ "$system_site" = 1 ] && base_site=$("$base_python" -c 'import sys, sysconfig
 print(sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else "")')
-    if [ "$system_site" = 1 ] && [ -n "$base_site" ]; then
+    if [ -n "${base_site:-}" ]; then
       site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
       echo "$base_site" > "$site/opskit-base-venv.pth"
       step venv "sees the packages of the base venv $base_site"

@@ -13,9 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from remote.agent import descendants  # noqa: E402  (standard library only)
 
 SSHD = "/usr/sbin/sshd"
 TEST_USER = "opskit-test"
@@ -79,7 +83,7 @@ class SSHServer:
         """Kill the listener and every session it forked (as if the box went away)."""
         if self.pid is None:
             return
-        for pid in [self.pid, *_children(self.pid)]:
+        for pid in [self.pid, *descendants(self.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -95,7 +99,7 @@ class SSHServer:
 
     def freeze(self, frozen: bool = True) -> None:
         """SIGSTOP (or SIGCONT) the listener and its sessions: a box that hangs instead of refusing."""
-        for pid in [self.pid, *_children(self.pid)]:
+        for pid in [self.pid, *descendants(self.pid)]:
             try:
                 os.kill(pid, signal.SIGSTOP if frozen else signal.SIGCONT)
             except ProcessLookupError:
@@ -112,24 +116,6 @@ class SSHServer:
         """Options for `operations.add_target(..., "ssh", options)` pointing at this server."""
         return {"ssh": self.ssh_spec(user), "key": str(self.key), "known_hosts": str(self.known_hosts),
                 "workdir": workdir, **extra}
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of pid (sshd's per-connection processes), by walking /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        out += kids
-        frontier += kids
-    return out
 
 
 _server: SSHServer | None = None
