@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -18,9 +19,10 @@ import torch
 import train.model as model_mod
 from train.evaluate import evaluate_lengths
 from train.model import build_model
+from train.mfu import mfu, peak_flops
 from train.presets import PRESETS, flops_per_token, get_preset, param_count
+from train.run import adamw
 
-H100_BF16_DENSE_FLOPS = 989e12
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -37,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="parameter and activation dtype")
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE_FLOPS, help="for MFU, FLOP/s")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="for MFU, FLOP/s (default: train/mfu.py's table for this GPU and dtype)")
+    p.add_argument("--json", action="store_true", help="also print each measurement as one JSON line")
     return p.parse_args(argv)
 
 
@@ -46,14 +50,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_memory_gb(device) -> str:
-    if device.type != "cuda":
-        return "n/a (not CUDA)"
-    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+def peak_memory_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def fmt_gib(value: float | None) -> str:
+    return "n/a (not CUDA)" if value is None else f"{value:.1f} GiB"
+
+
+def emit(args, row: dict) -> None:
+    if args.json:
+        print(json.dumps(row), flush=True)
 
 
 def bench_training(model, cfg, args, device) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = adamw(model, 1e-4, 0.1, fused=device.type == "cuda")
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
@@ -66,9 +77,16 @@ def bench_training(model, cfg, args, device) -> None:
     sync(device)
     dt = (time.perf_counter() - t0) / args.steps
     tok_s = args.batch * args.seq_len / dt
-    mfu = flops_per_token(cfg, args.seq_len) * tok_s / args.peak_flops
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = args.peak_flops or peak_flops(gpu, args.dtype)
+    util = mfu(flops_per_token(cfg, args.seq_len), tok_s, peak, 1)
+    mem = peak_memory_gib(device)
     print(f"train  {args.batch} x {args.seq_len} tokens: {dt * 1e3:.0f} ms/step (fwd+bwd+AdamW), "
-          f"{tok_s:,.0f} tokens/s, MFU {mfu:.1%}, peak memory {peak_memory_gb(device)}")
+          f"{tok_s:,.0f} tokens/s, MFU {'n/a' if util is None else f'{util:.1%}'}, peak memory {fmt_gib(mem)}",
+          flush=True)
+    emit(args, {"measure": "train", "preset": cfg.name, "dtype": args.dtype, "batch": args.batch,
+                "seq_len": args.seq_len, "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": util,
+                "peak_mem_gib": mem, "loss": loss.item(), "gpu": gpu})
     del opt
 
 
@@ -84,8 +102,13 @@ def bench_eval(model, cfg, args, device, dtype) -> None:
     sync(device)
     dt = time.perf_counter() - t0
     row = out["lengths"][str(args.eval_len)]
+    if "loss" not in row:
+        raise SystemExit(f"eval at {args.eval_len} was skipped: {row}")
+    mem = peak_memory_gib(device)
     print(f"eval   PPL@{args.eval_len}: {dt:.1f} s for {args.eval_chunks} chunks "
-          f"({dt / args.eval_chunks:.1f} s/chunk), loss {row['loss']:.3f}, peak memory {peak_memory_gb(device)}")
+          f"({dt / args.eval_chunks:.1f} s/chunk), loss {row['loss']:.3f}, peak memory {fmt_gib(mem)}", flush=True)
+    emit(args, {"measure": "eval", "preset": cfg.name, "dtype": args.dtype, "eval_len": args.eval_len,
+                "chunks": args.eval_chunks, "time_s": dt, "loss": row["loss"], "peak_mem_gib": mem})
 
 
 def main(argv=None) -> None:

@@ -153,14 +153,17 @@ def build_model(plan: ModelPlan, spec: TrainSpec, dist_info):
 
 
 def build_optimizer(model, spec: TrainSpec, device):
+    return adamw(model, spec.lr, spec.weight_decay, fused=device.type == "cuda")
+
+
+def adamw(model, lr: float, weight_decay: float, fused: bool):
     """AdamW(0.9, 0.95); weight decay on matrices only (not norms, biases or other vectors)."""
     import torch
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay},
+    groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 # ---------------------------------------------------------------- the train loop
