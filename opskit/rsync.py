@@ -100,7 +100,10 @@ def latest_checkpoint(target, run: str) -> str | None:
     src, e = endpoint(target, f"{target.run_dir(run)}/{C.CKPT_DIR}/")
     argv = ["rsync", "-r", "--list-only", *e, "--include=step_*/", f"--include=step_*/{C.CKPT_COMPLETE_MARKER}",
             "--exclude=*", src]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise TargetUnreachable(f"{target.name}: listing the checkpoints of {run} timed out after 120s") from None
     if proc.returncode == 23 and "No such file" in proc.stderr:
         return None
     if proc.returncode != 0:

@@ -11,6 +11,7 @@ import subprocess
 from opskit import slurm_script as S
 from opskit.errors import OpsError
 from opskit.ssh_connection import Address
+from opskit.targets.base import TargetUnreachable
 
 TIMEOUT_S = 60
 
@@ -33,6 +34,11 @@ class SlurmClient:
             except FileNotFoundError:
                 raise SlurmError(f"{argv[0]} not found on this machine: is this a SLURM login node? "
                                  f"(or add the target with --login USER@HOST)") from None
+            except subprocess.TimeoutExpired:
+                raise TargetUnreachable(f"{' '.join(argv[:2])} on this machine timed out after {timeout:g}s: "
+                                        f"is SLURM's controller up?") from None
+            except OSError as e:
+                raise SlurmError(f"{' '.join(argv[:2])} on this machine cannot run: {e}") from None
             code, out = proc.returncode, proc.stdout + proc.stderr
         else:
             from opskit import ssh_connection

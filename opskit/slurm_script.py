@@ -42,9 +42,12 @@ class SlurmJob:
 def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env: dict[str, str],
                   config: dict) -> str:
     """The sbatch script of one run: one task per node runs torchrun through remote/slurm_job.sh;
-    after srun returns, the batch step requeues the job (stopped by a signal) or records the exit code."""
-    nodes = int(config.get("nodes") or 1)
+    after srun returns, the batch step requeues the job (stopped by a signal) or records the exit code.
+    A downstream (p2) job is one process on one GPU: one node, whatever the target's size."""
+    trainer = is_trainer(command)
+    nodes = int(config.get("nodes") or 1) if trainer else 1
     gpus = int(config.get("gpus_per_node") or 0)
+    gpus = gpus if trainer else min(gpus, 1)
     slurm_dir = f"{run_dir}/{SLURM_DIR}"
     setup = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     setup.append(f"rm -f {shlex.quote(run_dir)}/exit_code  # an earlier attempt's")
@@ -75,10 +78,16 @@ def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env
     ).rstrip("\n") + "\n"
 
 
+def is_trainer(command: list[str]) -> bool:
+    """Whether `command` runs the trainer (train.run, maybe under torchrun), not a downstream job."""
+    return "train.run" in command
+
+
 def node_command(command: list[str], nodes: int) -> list[str]:
-    """The trainer command one node runs: single node as planned; several nodes rendezvous (c10d) on
-    the first node of the allocation, with the planned python, processes per node and spec."""
-    if nodes <= 1:
+    """The command one node runs: single node (or not the trainer) as planned; several nodes
+    rendezvous (c10d) on the first node of the allocation, with the planned python, processes per
+    node and spec."""
+    if nodes <= 1 or not is_trainer(command):
         return list(command)
     nproc = next((int(a.split("=", 1)[1]) for a in command if a.startswith("--nproc_per_node=")), 1)
     return planning.trainer_command(command[0], nproc, command[-1], nnodes=nodes, rdzv=RDZV_PLACEHOLDER)

@@ -160,7 +160,8 @@ def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
             time.sleep(0.5)
     with open(log, "rb") as f:
         data = f.read()
-        sys.stdout.write(b"\n".join(data.splitlines()[-lines:]).decode(errors="replace") + ("\n" if data else ""))
+        kept = data.splitlines()[-lines:] if lines > 0 else []  # [-0:] would be every line
+        sys.stdout.write(b"\n".join(kept).decode(errors="replace") + ("\n" if kept else ""))
         sys.stdout.flush()
         while follow and not _reader_gone():
             chunk = f.read()

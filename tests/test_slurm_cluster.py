@@ -136,3 +136,23 @@ def test_login_node_over_ssh(tmp_path, cluster):
         row = wait_state(s, run, states.ENDED)
         assert row["state"] == states.FAILED and row["exit_code"] == 4
         assert "via login" in s.events(run)[-1]["reason"]
+
+
+def test_downstream_job_on_a_multi_node_target_runs_on_one_node(store, cluster, tmp_path):
+    """A p2 (downstream) job is one process: a 2-node target submits it for one node and runs its own
+    command (not the trainer), so it runs on this one-node cluster."""
+    operations.add_target(store, "hpc2", "slurm", {"name": "hpc2", "workdir": str(tmp_path / "wd2"), "nodes": 2,
+                                                   "slurm_conf": str(cluster.conf)})
+    tgt = operations.get_target(store, "hpc2")
+    run = "t/p2/s1"
+    store.upsert_run({"name": run, "phase": "t", "config": "p2", "seed": 1, "target": "hpc2", "attempt": 1,
+                      "state": states.QUEUED, "run_dir": tgt.run_dir(run), "spec": {}}, reason="test")
+    command = ["bash", "-c", "echo downstream nodes=$SLURM_JOB_NUM_NODES; printf '{\"state\": \"done\"}' > status.json",
+               "-m", "train.p2", "--spec", f"{tgt.run_dir(run)}/spec.json"]  # bash ignores these: $0 and on
+    started = tgt.start(run, command, attempt=1)
+    store.update_run(run, state=states.STARTING, job_id=started["job_id"])
+    row = wait_state(store, run, states.ENDED)
+    assert row["state"] == states.DONE and row["exit_code"] == 0, store.events(run)
+    script = (Path(tgt.run_dir(run)) / "slurm" / "sbatch.sh").read_text()
+    assert "#SBATCH --nodes=1" in script and "train.run" not in script
+    assert "downstream nodes=1" in "".join(operations.logs(store, run))

@@ -126,3 +126,33 @@ def test_failure_reason_carries_log_tail_and_slurm_state():
     assert reason == "SLURM TIMEOUT; log: step 5"
     assert derive({"status": None, "exit_code": None}, "1|REQUEUED|0:0|None\n1|PENDING|0:0|BeginTime")[1] == \
         "SLURM PENDING (requeued 1x)"
+
+
+def p2_script_for(nodes: int, gpus_per_node: int) -> str:
+    config = SlurmTarget.config_from_options({
+        "login": "alice@login.cluster.example", "workdir": "/scratch/alice/opskit", "partition": "gpu",
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "time": "24:00:00"})
+    tgt = SlurmTarget("cluster", config)
+    command = planning.downstream_command(tgt.python, f"{tgt.run_dir(RUN)}/spec.json")
+    return tgt.dry_run_script(RUN, command, attempt=1)
+
+
+def test_p2_job_on_a_multi_node_target_matches_golden_file():
+    got = p2_script_for(2, 8)
+    path = GOLDEN / "sbatch_p2_2x8.sh"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(got)
+    assert path.exists(), f"{path} missing: run UPDATE_GOLDEN=1 pytest {__file__}"
+    assert got == path.read_text(), (f"the p2 sbatch script changed; if on purpose, run "
+                                     f"UPDATE_GOLDEN=1 pytest tests/test_slurm_script.py and review git diff {path}")
+
+
+def test_p2_job_runs_its_own_command_on_one_node_and_one_gpu():
+    command = ["/venv/bin/python", "-m", "train.p2", "--spec", "/w/spec.json"]
+    assert S.node_command(command, 2) == command
+    text = p2_script_for(2, 8)
+    assert "#SBATCH --nodes=1" in text and "#SBATCH --gpus-per-node=1" in text
+    assert "-m train.p2 --spec" in text and "train.run" not in text and "torch.distributed.run" not in text
+    assert "rdzv" not in text.lower() and "scontrol show hostnames" not in text
+    cpu = p2_script_for(2, 0)  # a CPU-only target asks for no GPU
+    assert "#SBATCH --nodes=1" in cpu and "gpus-per-node" not in cpu

@@ -85,6 +85,10 @@ class Target(ABC):
     def sync(self) -> None:
         """Bring the project's code to the target (no-op where it runs in place)."""
 
+    def check_movable(self) -> None:
+        """Raise OpsError where a run's checkpoint cannot be copied to or from this target
+        (`opskit resume RUN --target T`, opskit/rsync.py); local and SSH targets can."""
+
     # -- runs
     def write_spec(self, run: str, spec: dict) -> None:
         rel = f"runs/{run}/{C.SPEC}"

@@ -16,7 +16,7 @@ from opskit import slurm_script as S
 from opskit.errors import OpsError
 from opskit.slurm_client import SlurmClient
 from opskit.states import Observation
-from opskit.targets.base import Target, quote
+from opskit.targets.base import Target, TargetUnreachable, quote
 
 TIME_RE = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
 LOG_TAIL_LINES = 5
@@ -53,9 +53,9 @@ class SlurmTarget(Target):
             if options.get("slurm_conf"):  # a path on the login node
                 config["slurm_conf"] = options["slurm_conf"]
         else:
-            from opskit.store import default_path
-            name = options.get("name") or "slurm"
-            workdir = options.get("workdir") or str(default_path().resolve().parent / ".opskit" / name)
+            workdir = options.get("workdir")
+            if not workdir:  # opskit.operations.add_target gives it one beside state.db
+                raise OpsError("a SLURM target on this machine needs --workdir (shared by the compute nodes)")
             if not os.path.isabs(workdir):
                 raise OpsError(f"--workdir {workdir}: give an absolute path (shared by the compute nodes)")
             config["workdir"] = workdir
@@ -105,6 +105,16 @@ class SlurmTarget(Target):
         self._via.prepare(on_line=on_line)
         self.client.run(["sbatch", "--version"])
 
+    def check_movable(self) -> None:
+        raise OpsError(f"moving a run to or from a SLURM target ({self.name}) is not supported: "
+                       f"resume it on its own target")
+
+    @property
+    def address(self):
+        """Only opskit/rsync.py's move helpers ask for it (no address would mean a path on this
+        machine, wrong behind --login): a move is refused instead."""
+        self.check_movable()
+
     def check(self) -> dict:
         _, out = self.client.run(["sinfo", "-h", "-o", "%P %a %D %T"])
         return {**self._via.check(), "partitions": out.strip().splitlines()}
@@ -117,14 +127,26 @@ class SlurmTarget(Target):
                   "for p in sys.argv[2:]:\n    f = w / p\n    if f.is_file():\n        out[p] = f.read_text()\n"
                   "print(json.dumps(out))")
         argv = ["python3", "-c", script, self.workdir, *rel_paths]
+        what = f"target {self.name}: python3 reading run files"
         if self.config.get("login"):
             res = self._via._sh(quote(argv), timeout=60)
-            out = res.stdout
+            code, out, err = res.exit_code, res.stdout, res.stderr
         else:
             import subprocess
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                raise TargetUnreachable(f"{what} timed out after 60s") from None
+            except OSError as e:
+                raise OpsError(f"{what} cannot start: {e}") from None
+            code, out, err = proc.returncode, proc.stdout, proc.stderr
+        if code != 0:
+            raise OpsError(f"{what} failed (exit {code}): {(err.strip().splitlines() or [''])[-1][-300:]}")
         import json
-        return json.loads(out)
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise OpsError(f"{what} answered unexpectedly: {out.strip()[:300]!r}") from None
 
     # -- runs
     def dry_run_script(self, run: str, command: list[str], attempt: int = 1) -> str:
