@@ -19,9 +19,11 @@ EVAL_PER_LENGTH = "eval_per_length.json"
 RESULTS = "results.json"
 CKPT_DIR = "ckpt"
 CKPT_COMPLETE_MARKER = ".complete"
+DOWNSTREAM = "downstream.json"  # written by a p2 job (train/p2.py); read by opskit/results/artifacts.py
+PASSKEY = "passkey.json"  # written by a p2 job (train/p2.py)
 
 # Files `opskit pull` may bring back (never checkpoints, caches or weights).
-PULLABLE = (RESULTS, LOSS_CURVE, EVAL_PER_LENGTH, LOG, STATUS, SPEC, "downstream.json", "passkey.json")
+PULLABLE = (RESULTS, LOSS_CURVE, EVAL_PER_LENGTH, LOG, STATUS, SPEC, DOWNSTREAM, PASSKEY)
 PULLABLE_SUFFIXES = (".png", ".txt", ".csv")
 
 # Trainer phases written to status.json["state"].

@@ -22,11 +22,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.contract import EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_OK, atomic_write_json, read_json
+from train.contract import (DOWNSTREAM, EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_OK, PASSKEY, atomic_write_json,
+                            read_json)
 from train.spec import SpecError
 
-DOWNSTREAM = "downstream.json"
-PASSKEY = "passkey.json"
 HF_SUBDIR = "hf"
 EXIT_FAILED = 1
 REQUIRED = ("run", "phase", "config", "seed", "attempt", "preset", "rope", "tokenizer", "cache_dir", "out_dir")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from opskit.errors import OpsError
 from train import contract
-
-DOWNSTREAM = "downstream.json"
+from train.contract import DOWNSTREAM
 
 
 class ArtifactError(OpsError):
