@@ -151,6 +151,8 @@ def status(
 
 def _status_table(rows: list[dict], health: dict):
     from rich.table import Table
+
+    from opskit.states import ENDED
     table = Table(title=None, show_lines=False, header_style="bold")
     for col in ("run", "target", "try", "state", "step", "loss", "tok/s", "ETA", "cache", "heartbeat"):
         table.add_column(col, justify="right" if col in ("try", "step", "loss", "tok/s", "ETA", "cache") else "left")
@@ -166,8 +168,8 @@ def _status_table(rows: list[dict], health: dict):
         cache = _fmt_num(r["cache_bytes"], "B") if r["cache_bytes"] else "-"
         table.add_row(r["run"], r["target"], str(r["attempt"]), f"[{c}]{state}[/{c}]", step,
                       f"{r['loss']:.3f}" if r["loss"] is not None else "-", _fmt_num(r["tokens_per_s"]),
-                      _fmt_duration(r["eta_s"]) if r["state"] not in ("done", "failed", "lost", "cancelled") else "-",
-                      cache, _fmt_age(r["updated_at"]))
+                      _fmt_duration(r["eta_s"]) if r["state"] not in ENDED else "-",
+                      cache, _fmt_age(r["heartbeat_at"]))
     caption = [f"target {t} unreachable: {err}" for t, err in health.items() if err]
     if not rows:
         caption.append("no runs yet: try `opskit launch demo`")
@@ -226,12 +228,13 @@ def cancel(runs: List[str] = typer.Argument(..., help="Run names."),
         result = operations.cancel(store, runs, now=now)
     if as_json:
         return _print_json(result)
+    said = {"removed-from-queue": "removed from the queue", "killed": "killed (no checkpoint)",
+            "signalled": "signalled: it saves a checkpoint and stops",
+            "cancelled-before-start": "cancelled before it started",
+            "not-running": "not running, nothing to signal (`opskit status` shows how it ended)"}
     for r in result:
-        if not r["cancelled"]:
-            typer.echo(f"{r['run']}: not cancelled ({r['reason']})")
-        else:
-            done = "removed from the queue" if r.get("removed_from_queue") else "killed" if now else "signalled"
-            typer.echo(f"{r['run']}: {done}")
+        text = said.get(r["outcome"], f"not cancelled ({r.get('reason')})")
+        typer.echo(f"{r['run']}: {text}")
 
 
 @app.command()
@@ -756,6 +759,11 @@ def main() -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:  # a bug or an unforeseen failure: one line, the traceback on request
+        if os.environ.get("OPSKIT_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {e} (set OPSKIT_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

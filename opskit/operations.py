@@ -5,6 +5,7 @@ CLI to print. No printing here (progress goes through an optional `on_event` cal
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -20,7 +21,6 @@ from opskit.targets import Target, TargetUnreachable, open_target
 from train import contract as C
 
 Notify = Callable[[str], None]
-REFRESH_TIMEOUT_S = 20.0
 
 
 def _quiet(_msg: str) -> None:
@@ -30,12 +30,16 @@ def _quiet(_msg: str) -> None:
 # ------------------------------------------------------------------ targets
 
 
+def _workdir_beside_store(store: Store, target: str) -> str:
+    """A target on this machine keeps its runs in .opskit/<target>/ beside state.db."""
+    return str(store.path.resolve().parent / ".opskit" / target)
+
+
 def local_target_record(store: Store) -> dict:
     """The `local` target, created on first use with its workdir beside state.db."""
     rec = store.get_target("local")
     if rec is None:
-        workdir = str((store.path.resolve().parent / ".opskit" / "local"))
-        store.add_target("local", "local", {"workdir": workdir, "gpus": 0}, replace=True)
+        store.add_target("local", "local", {"workdir": _workdir_beside_store(store, "local"), "gpus": 0}, replace=True)
         rec = store.get_target("local")
     return rec
 
@@ -45,6 +49,8 @@ def add_target(store: Store, name: str, kind: str, options: dict, replace: bool 
     if name == "local":
         raise OpsError("'local' is the built-in local target; pick another name")
     from opskit.targets import target_class
+    if kind == "slurm" and not options.get("login") and not options.get("workdir"):
+        options = {**options, "workdir": _workdir_beside_store(store, name)}  # this machine is the cluster's
     config = target_class(kind).config_from_options({**options, "name": name})
     store.add_target(name, kind, config, replace=replace)
     return store.get_target(name)
@@ -98,18 +104,31 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
                           "run_dir": tgt.run_dir(d.run.name),
                           "after": json.dumps(waits[d.run.name]) if waits[d.run.name] else None,
                           "spec": planning.build_spec(d.run, tgt.workdir, d.attempt)}, reason=d.reason)
+    names = [d.run.name for d in to_start]
+    handed: set[str] = set()
     try:
-        _set_state(store, [d.run.name for d in to_start], states.PREPARING, "preparing target")
+        _set_state(store, names, states.PREPARING, "preparing target")
         tgt.prepare(on_line=on_event)
-        _set_state(store, [d.run.name for d in to_start], states.SYNCING, "syncing code")
+        _set_state(store, names, states.SYNCING, "syncing code")
         tgt.sync()
-    except OpsError as e:
-        _set_state(store, [d.run.name for d in to_start], states.FAILED, f"target {target}: {e}")
+        for d in to_start:
+            out.append(_start_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, on_event=on_event,
+                                  after=waits[d.run.name]))
+            handed.add(d.run.name)
+    except BaseException as e:  # Ctrl-C or an error halfway: no run may stay "preparing" for ever
+        _end_unhanded(store, [n for n in names if n not in handed], e, target)
         raise
-    for d in to_start:
-        out.append(_start_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, on_event=on_event,
-                              after=waits[d.run.name]))
     return out
+
+
+def _end_unhanded(store: Store, runs: list[str], error: BaseException, target: str) -> None:
+    """Runs that launch had not handed to the target yet end cancelled (Ctrl-C) or failed (an error)."""
+    if isinstance(error, KeyboardInterrupt):
+        state, reason = states.CANCELLED, "launch interrupted before the run reached the target"
+    else:
+        state, reason = states.FAILED, f"target {target}: {error or type(error).__name__}"
+    for name in runs:
+        store.update_run(name, state=state, reason=reason, ended_at=time.time())
 
 
 def _sources(store: Store, ph: catalog.Phase, run: catalog.PlannedRun) -> list[str]:
@@ -217,8 +236,10 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
                 raise OpsError(tgt)
             observations, queue = tgt.observe_with_queue([r["name"] for r in by_target[name]])
             return tgt, observations, queue, None
-        except (TargetUnreachable, OpsError, OSError) as e:
+        except (TargetUnreachable, OpsError) as e:
             return None, None, None, str(e)
+        except Exception as e:  # one broken target must not take `status` of the others down
+            return None, None, None, f"{type(e).__name__}: {e}"
 
     health: dict[str, str | None] = {}
     with ThreadPoolExecutor(max_workers=min(16, len(by_target))) as pool:
@@ -230,27 +251,33 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
                 if not r["stale"]:
                     store.update_run(r["name"], stale=1)
                 continue
-            _apply(store, r, observations[r["name"]], tgt, _queue_fields(queue, r["name"]))
+            _apply(store, r, observations[r["name"]], tgt, _queue_fields(queue, r["name"], r["attempt"]))
     return health
 
 
-def _queue_fields(queue: dict | None, run: str) -> dict:
-    """queue_pos / gpus / started_at of a run from its target's queue state."""
+def _queue_fields(queue: dict | None, run: str, attempt: int) -> dict:
+    """queue_pos / gpus / started_at of this attempt of a run from its target's queue state."""
     if queue is None:
         return {}
     for e in queue["pending"]:
         if e["run"] == run:
             return {"queue_pos": e["position"], "message": e["waiting"]}
-    for e in queue["running"] + queue["finished"]:
-        if e["run"] == run:
+    for e in queue["running"] + queue["finished"][::-1]:  # newest finished first
+        if e["run"] == run and e.get("attempt", attempt) == attempt:
             return {"queue_pos": None, "gpus": e.get("cuda_visible_devices"), "started_at": e.get("started_at")}
     return {"queue_pos": None}
 
 
 def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target, queue_fields: dict | None = None) -> None:
+    hb_attempt = (obs.status or {}).get("attempt")
+    if row.get("spec") and hb_attempt is not None and hb_attempt != row["spec"]["attempt"]:
+        obs = dataclasses.replace(obs, status=None)  # an earlier attempt's heartbeat says nothing of this one
     state, reason = states.derive_state(obs, float(tgt.config.get("stall_after_s", states.DEFAULT_STALL_AFTER_S)))
-    if row["state"] in (states.QUEUED, states.PREPARING, states.SYNCING) and not obs.started:
+    if row["state"] in states.NOT_HANDED and not obs.started:
         state = row["state"]  # not handed to the trainer yet
+    requeued = row.get("spec") and row["spec"]["attempt"] + obs.restarts > row["attempt"]
+    if row["state"] in states.ENDED and state not in states.ENDED and not requeued:
+        state, reason = row["state"], None  # an ended run stays ended until a new attempt starts
     fields = {**(queue_fields or {}), **states.progress_fields(obs.status), "stale": 0, "exit_code": obs.exit_code}
     if not obs.started:
         fields.pop("started_at", None)
@@ -273,7 +300,7 @@ def status_rows(store: Store, phase: str | None = None) -> list[dict]:
                     "target": r["target"], "attempt": r["attempt"], "state": r["state"], "stale": r["stale"],
                     "step": r["step"], "total_steps": r["total_steps"], "loss": r["loss"],
                     "tokens_per_s": r["tokens_per_s"], "eta_s": r["eta_s"], "cache_bytes": r["cache_bytes"],
-                    "cache_tokens": r["cache_tokens"], "updated_at": r["heartbeat_at"] or r["updated_at"],
+                    "cache_tokens": r["cache_tokens"], "updated_at": r["updated_at"], "heartbeat_at": r["heartbeat_at"],
                     "message": r["message"], "exit_code": r["exit_code"], "job_id": r["job_id"],
                     "queue_pos": r["queue_pos"] if r["state"] == states.QUEUED else None, "gpus": r["gpus"],
                     "starts_in_s": starts.get(r["name"])})
@@ -307,31 +334,41 @@ def _estimated_starts(store: Store, targets: set[str]) -> dict[str, float | None
 
 def cancel(store: Store, runs: list[str], now: bool = False) -> list[dict]:
     """Ask each run's trainer to checkpoint and stop (SIGTERM through the launcher). `now`: SIGKILL its
-    whole process group instead, with no checkpoint (a hung run); resume continues from its last one."""
+    whole process group instead, with no checkpoint (a hung run); resume continues from its last one.
+
+    Each answer has `outcome`: removed-from-queue, signalled, killed, cancelled-before-start or not-running."""
     out = []
     for name in runs:
         row = store.require_run(name)
         if row["state"] in states.ENDED:
-            out.append({"run": name, "cancelled": False, "reason": f"already {row['state']}"})
+            out.append({"run": name, "cancelled": False, "outcome": "ended", "reason": f"already {row['state']}"})
             continue
         tgt = get_target(store, row["target"])
         store.update_run(name, cancel_requested=1)
         if tgt.has_queue and tgt.dequeue(name)["removed"]:
-            store.update_run(name, state=states.CANCELLED, reason="removed from the target's queue",
-                             queue_pos=None, ended_at=time.time())
-            out.append({"run": name, "cancelled": True, "removed_from_queue": True})
+            _mark_cancelled(store, name, "removed from the target's queue", queue_pos=None)
+            out.append({"run": name, "cancelled": True, "outcome": "removed-from-queue", "removed_from_queue": True})
             continue
         answer = tgt.signal(name, "KILL" if now else "TERM")
         if now:
             ckpt = row.get("checkpoint_step")
-            store.update_run(name, state=states.CANCELLED, ended_at=time.time(), stale=0,
-                             reason="killed by `cancel --now`, no checkpoint taken; resume continues from "
-                                    + (f"step {ckpt}" if ckpt is not None else "its last checkpoint"))
-        elif not answer.get("signalled") and row["state"] in (states.QUEUED,):
-            store.update_run(name, state=states.CANCELLED, reason="cancelled before it started",
-                             ended_at=time.time())
-        out.append({"run": name, "cancelled": True, **answer})
+            _mark_cancelled(store, name, "killed by `cancel --now`, no checkpoint taken; resume continues from "
+                            + (f"step {ckpt}" if ckpt is not None else "its last checkpoint"))
+            outcome = "killed"
+        elif answer.get("signalled"):
+            outcome = "signalled"  # the trainer checkpoints and exits; refresh derives `cancelled`
+        elif answer.get("scancelled") or row["state"] in states.NOT_HANDED:
+            _mark_cancelled(store, name, "cancelled before it started")
+            outcome = "cancelled-before-start"
+        else:  # its process is gone already: the next refresh says how it ended
+            out.append({"run": name, "cancelled": False, "outcome": "not-running", **answer})
+            continue
+        out.append({"run": name, "cancelled": True, "outcome": outcome, **answer})
     return out
+
+
+def _mark_cancelled(store: Store, run: str, reason: str, **fields) -> None:
+    store.update_run(run, state=states.CANCELLED, reason=reason, ended_at=time.time(), stale=0, **fields)
 
 
 # ------------------------------------------------------------------ queues
@@ -374,10 +411,14 @@ def resume(store: Store, run: str, target: str | None = None, on_event: Notify =
     if row["state"] == states.DONE:
         raise OpsError(f"{run} is done; use `opskit launch ... --rerun` to train it again")
     tgt = get_target(store, row["target"])
+    moving_to = get_target(store, target) if target and target != row["target"] else None
+    if moving_to is not None:  # refuse before a stalled run is killed
+        tgt.check_movable()
+        moving_to.check_movable()
     if row["state"] == states.STALLED:
         tgt.signal(run, "KILL")
-    if target and target != row["target"]:
-        tgt = _move_run(store, row, tgt, get_target(store, target), on_event)
+    if moving_to is not None:
+        tgt = _move_run(store, row, tgt, moving_to, on_event)
     tgt.prepare(on_line=on_event)
     tgt.sync()
     return _start_one(store, tgt, run, row["attempt"] + 1, fresh=False, on_event=on_event)
@@ -406,32 +447,56 @@ def logs(store: Store, run: str, lines: int = 50, follow: bool = False):
 
 def pull(store: Store, runs: list[str] | None = None, results_dir: str = "results",
          on_event: Notify = _quiet) -> list[dict]:
-    """Fetch each run's allowed artifacts into results/raw/<phase>/<config>/seed<k>/ with a manifest."""
+    """Fetch each run's allowed artifacts into results/raw/<phase>/<config>/seed<k>/ with a manifest.
+
+    The local folder mirrors the run directory: a file the previous pull brought and the run no longer
+    has (a rerun started afresh) is removed, so no report reads an earlier attempt's results."""
     rows = [store.require_run(r) for r in runs] if runs else store.list_runs()
     out = []
     for r in rows:
         try:
-            tgt = get_target(store, r["target"])
-            files = tgt.manifest(r["name"])
-        except (TargetUnreachable, OpsError) as e:
+            out.append(_pull_one(store, r, results_dir, on_event))
+        except (TargetUnreachable, OpsError, OSError) as e:  # one run's failure must not stop the others
             out.append({"run": r["name"], "pulled": 0, "error": str(e)})
-            continue
-        dest = Path(planning.pull_dest(results_dir, r["phase"], r["config"], r["seed"]))
-        dest.mkdir(parents=True, exist_ok=True)
-        wanted = [f for f in files if _needs_fetch(dest / f["path"], f)]
-        if wanted:
-            tgt.fetch(r["name"], [f["path"] for f in wanted], dest)
-        for f in files:
-            got = _sha256(dest / f["path"])
-            if got != f["sha256"]:  # the file changed between manifest and copy (a live log): record what we have
-                f = {**f, "sha256": got, "size": (dest / f["path"]).stat().st_size}
-            store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
-        C.atomic_write_json(dest / "manifest.json", {"run": r["name"], "target": r["target"],
-                                                     "attempt": r["attempt"], "state": r["state"],
-                                                     "pulled_at": time.time(), "files": files})
-        on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files -> {dest}")
-        out.append({"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "dest": str(dest)})
     return out
+
+
+def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict:
+    tgt = get_target(store, r["target"])
+    files = tgt.manifest(r["name"])
+    dest = Path(planning.pull_dest(results_dir, r["phase"], r["config"], r["seed"]))
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = [f for f in files if _needs_fetch(dest / f["path"], f)]
+    if wanted:
+        tgt.fetch(r["name"], [f["path"] for f in wanted], dest)
+    recorded = []
+    for f in files:
+        got = _sha256(dest / f["path"])
+        if got != f["sha256"]:  # the file changed between manifest and copy (a live log): record what we have
+            f = {**f, "sha256": got, "size": (dest / f["path"]).stat().st_size}
+        store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
+        recorded.append(f)
+    gone = _previously_pulled(dest) - {f["path"] for f in files}
+    for path in sorted(gone):
+        (dest / path).unlink(missing_ok=True)
+    store.forget_artifacts(r["name"], sorted(gone))
+    C.atomic_write_json(dest / "manifest.json", {"run": r["name"], "target": r["target"],
+                                                 "attempt": r["attempt"], "state": r["state"],
+                                                 "pulled_at": time.time(), "files": recorded})
+    removed = f", {len(gone)} no longer on the target removed" if gone else ""
+    on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
+    return {"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "removed": sorted(gone),
+            "dest": str(dest)}
+
+
+def _previously_pulled(dest: Path) -> set[str]:
+    """Paths the last pull into `dest` brought (its manifest.json), confined to `dest`."""
+    try:
+        files = json.loads((dest / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    root = dest.resolve()
+    return {f["path"] for f in files if (dest / f["path"]).resolve().is_relative_to(root)}
 
 
 def _sha256(path: Path) -> str | None:

@@ -18,6 +18,7 @@ ALL_STATES = (QUEUED, PREPARING, SYNCING, STARTING, TOKENIZING, TRAINING, EVALUA
               LOST, STALLED, CANCELLED)
 ENDED = frozenset({DONE, FAILED, LOST, CANCELLED})
 ACTIVE = frozenset({PREPARING, SYNCING, STARTING, TOKENIZING, TRAINING, EVALUATING, STALLED})
+NOT_HANDED = frozenset({QUEUED, PREPARING, SYNCING})  # launch-side states: the target has no process yet
 # Trainer heartbeat states that map one to one.
 _LIVE_FROM_HEARTBEAT = {"starting": STARTING, "tokenizing": TOKENIZING, "training": TRAINING,
                         "evaluating": EVALUATING}
@@ -74,6 +75,9 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S)
     age = obs.now - float(hb.get("updated_at") or 0)
     if age > stall_after_s:
         return STALLED, f"alive, heartbeat {age:.0f}s old"
+    quiet = obs.now - float(hb.get("progress_at") or obs.now)
+    if hb_state == "training" and quiet > stall_after_s:  # the beat goes on but no step is reported
+        return STALLED, f"alive, no training progress for {quiet:.0f}s"
     state = _LIVE_FROM_HEARTBEAT.get(hb_state)
     if state:
         return state, "heartbeat"

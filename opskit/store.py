@@ -187,6 +187,11 @@ class Store:
                 "ON CONFLICT(run, path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256, "
                 "pulled_at=excluded.pulled_at", [run, path, size, sha256, time.time()])
 
+    def forget_artifacts(self, run: str, paths: list[str]) -> None:
+        with self.transaction():
+            for path in paths:
+                self.db.execute("DELETE FROM artifacts WHERE run = ? AND path = ?", [run, path])
+
     def artifacts(self, run: str) -> list[dict]:
         return list(self.db["artifacts"].rows_where("run = ?", [run], order_by="path"))
 

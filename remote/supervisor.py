@@ -200,7 +200,7 @@ def state(workdir: str, finished_limit: int = 20) -> dict:
                          "units": Q.units_per_run(config, e.get("gpus")), "after": e.get("after") or [],
                          "waiting": plan.waiting.get(e["seq"], "starting")}
                         for i, e in enumerate(pending, start=1)],
-            "finished": [{k: e.get(k) for k in ("run", "seq", "slots", "cuda_visible_devices", "port",
+            "finished": [{k: e.get(k) for k in ("run", "seq", "attempt", "slots", "cuda_visible_devices", "port",
                                                 "started_at", "ended_at", "exit_code", "error")} for e in finished]}
 
 

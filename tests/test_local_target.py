@@ -59,7 +59,7 @@ def test_launch_status_pull_and_refusals(cli):
     assert set(seen) <= {"queued", "starting", "tokenizing", "training", "evaluating", "done"}, seen
     assert row["step"] == row["total_steps"] > 0 and row["loss"] is not None
     for key in ("run", "phase", "config", "seed", "target", "attempt", "state", "step", "total_steps", "loss",
-                "tokens_per_s", "eta_s", "updated_at"):
+                "tokens_per_s", "eta_s", "updated_at", "heartbeat_at"):
         assert key in row
 
     again = cli("launch", "e2e", "--matrix", MATRIX, "--config", "hybrid_a0.2_t100k", "--seed", "42", "--json")

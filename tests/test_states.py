@@ -16,6 +16,10 @@ def hb(state, age=1.0, **kw):
     (Observation(hb("training"), None, alive=True, now=NOW), "training"),
     (Observation(hb("evaluating"), None, alive=True, now=NOW), "evaluating"),
     (Observation(hb("training", age=301), None, alive=True, now=NOW), "stalled"),
+    # beating, but the trainer reported nothing for 301 s: hung while training, not while tokenizing
+    (Observation(hb("training", progress_at=NOW - 301), None, alive=True, now=NOW), "stalled"),
+    (Observation(hb("training", progress_at=NOW - 299), None, alive=True, now=NOW), "training"),
+    (Observation(hb("tokenizing", progress_at=NOW - 301), None, alive=True, now=NOW), "tokenizing"),
     (Observation(hb("training"), None, alive=False, now=NOW), "lost"),
     (Observation(None, None, alive=False, now=NOW), "lost"),
     (Observation(hb("done"), 0, alive=False, now=NOW), "done"),

@@ -114,6 +114,8 @@ def test_heartbeat_refreshes_updated_at_in_the_background(tmp_path):
     assert first["state"] == later["state"] == "tokenizing" and first["attempt"] == 3
     assert first["pid"] == os.getpid() and later["cache_tokens"] == 10
     assert later["updated_at"] > first["updated_at"]
+    # Only the trainer's own reports move progress_at; the thread's beats do not (stall detection).
+    assert later["progress_at"] == first["progress_at"] <= first["updated_at"]
     with pytest.raises(ValueError, match="unknown trainer state"):
         hb.update(state="sleeping")
 

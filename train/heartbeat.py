@@ -2,7 +2,9 @@
 
 Both follow docs/run-directory.md: status.json is replaced atomically at every phase change and
 refreshed by a background thread, so `updated_at` is never older than HEARTBEAT_S even while the
-main thread is busy tokenizing or evaluating.
+main thread is busy tokenizing or evaluating. `progress_at` changes only when the trainer itself
+reports (a log step, a phase, a checkpoint), so a hung main thread (a stuck collective) shows as a
+stall although the thread keeps beating.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ HEARTBEAT_S = min(float(os.environ.get("OPSKIT_HEARTBEAT_S", 10.0)), HEARTBEAT_M
 
 STATUS_FIELDS = (
     "state", "attempt", "pid", "updated_at", "step", "total_steps", "tokens", "loss", "tokens_per_s",
-    "eta_s", "cache_bytes", "cache_tokens", "cache_target_tokens", "checkpoint_step", "message",
+    "eta_s", "cache_bytes", "cache_tokens", "cache_target_tokens", "checkpoint_step", "message", "progress_at",
 )
 
 
@@ -57,6 +59,7 @@ class Heartbeat:
             raise ValueError(f"unknown trainer state {fields['state']!r}")
         with self._lock:
             self.status.update(fields)
+            self.status["progress_at"] = time.time()  # the trainer itself moved on (the thread never sets it)
             self._write_locked()
 
     def _write_locked(self) -> None:
