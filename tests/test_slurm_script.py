@@ -18,19 +18,23 @@ GOLDEN = Path(__file__).parent / "golden"
 RUN = "demo/hybrid_a0.2_t100k/s42"
 
 
-def script_for(nodes: int, gpus_per_node: int, **extra) -> str:
+def script_for(nodes: int, gpus_per_node: int, p2: bool = False, **extra) -> str:
     config = SlurmTarget.config_from_options({
         "login": "alice@login.cluster.example", "workdir": "/scratch/alice/opskit", "partition": "gpu",
         "nodes": nodes, "gpus_per_node": gpus_per_node, "time": "24:00:00", **extra})
     tgt = SlurmTarget("cluster", config)  # no connection is made to render a script
-    command = planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), f"{tgt.run_dir(RUN)}/spec.json")
+    spec = f"{tgt.run_dir(RUN)}/spec.json"
+    command = (planning.downstream_command(tgt.python, spec) if p2
+               else planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), spec))
     return tgt.dry_run_script(RUN, command, attempt=1)
 
 
-@pytest.mark.parametrize("nodes,gpus", [(1, 2), (2, 8)])
-def test_sbatch_script_matches_golden_file(nodes, gpus):
-    got = script_for(nodes, gpus, account="proj42", qos="normal")
-    path = GOLDEN / f"sbatch_{nodes}x{gpus}.sh"
+@pytest.mark.parametrize("nodes,gpus,p2,golden", [(1, 2, False, "sbatch_1x2.sh"), (2, 8, False, "sbatch_2x8.sh"),
+                                                  (2, 8, True, "sbatch_p2_2x8.sh")])
+def test_sbatch_script_matches_golden_file(nodes, gpus, p2, golden):
+    extra = {} if p2 else {"account": "proj42", "qos": "normal"}
+    got = script_for(nodes, gpus, p2, **extra)
+    path = GOLDEN / golden
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_text(got)
     assert path.exists(), f"{path} missing: run UPDATE_GOLDEN=1 pytest {__file__}"
@@ -128,31 +132,12 @@ def test_failure_reason_carries_log_tail_and_slurm_state():
         "SLURM PENDING (requeued 1x)"
 
 
-def p2_script_for(nodes: int, gpus_per_node: int) -> str:
-    config = SlurmTarget.config_from_options({
-        "login": "alice@login.cluster.example", "workdir": "/scratch/alice/opskit", "partition": "gpu",
-        "nodes": nodes, "gpus_per_node": gpus_per_node, "time": "24:00:00"})
-    tgt = SlurmTarget("cluster", config)
-    command = planning.downstream_command(tgt.python, f"{tgt.run_dir(RUN)}/spec.json")
-    return tgt.dry_run_script(RUN, command, attempt=1)
-
-
-def test_p2_job_on_a_multi_node_target_matches_golden_file():
-    got = p2_script_for(2, 8)
-    path = GOLDEN / "sbatch_p2_2x8.sh"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(got)
-    assert path.exists(), f"{path} missing: run UPDATE_GOLDEN=1 pytest {__file__}"
-    assert got == path.read_text(), (f"the p2 sbatch script changed; if on purpose, run "
-                                     f"UPDATE_GOLDEN=1 pytest tests/test_slurm_script.py and review git diff {path}")
-
-
 def test_p2_job_runs_its_own_command_on_one_node_and_one_gpu():
     command = ["/venv/bin/python", "-m", "train.p2", "--spec", "/w/spec.json"]
     assert S.node_command(command, 2) == command
-    text = p2_script_for(2, 8)
+    text = script_for(2, 8, p2=True)
     assert "#SBATCH --nodes=1" in text and "#SBATCH --gpus-per-node=1" in text
     assert "-m train.p2 --spec" in text and "train.run" not in text and "torch.distributed.run" not in text
     assert "rdzv" not in text.lower() and "scontrol show hostnames" not in text
-    cpu = p2_script_for(2, 0)  # a CPU-only target asks for no GPU
+    cpu = script_for(2, 0, p2=True)  # a CPU-only target asks for no GPU
     assert "#SBATCH --nodes=1" in cpu and "gpus-per-node" not in cpu
