@@ -264,7 +264,8 @@ def _queue_fields(queue: dict | None, run: str, attempt: int) -> dict:
             return {"queue_pos": e["position"], "message": e["waiting"]}
     for e in queue["running"] + queue["finished"][::-1]:  # newest finished first
         if e["run"] == run and e.get("attempt", attempt) == attempt:
-            return {"queue_pos": None, "gpus": e.get("cuda_visible_devices"), "started_at": e.get("started_at")}
+            return {"queue_pos": None, "gpus": e.get("cuda_visible_devices"), "started_at": e.get("started_at"),
+                    "start_error": e.get("error")}
     return {"queue_pos": None}
 
 
@@ -272,13 +273,17 @@ def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target, queue_
     hb_attempt = (obs.status or {}).get("attempt")
     if row.get("spec") and hb_attempt is not None and hb_attempt != row["spec"]["attempt"]:
         obs = dataclasses.replace(obs, status=None)  # an earlier attempt's heartbeat says nothing of this one
+    queue_fields = dict(queue_fields or {})
+    start_error = queue_fields.pop("start_error", None)
     state, reason = states.derive_state(obs, float(tgt.config.get("stall_after_s", states.DEFAULT_STALL_AFTER_S)))
     if row["state"] in states.NOT_HANDED and not obs.started:
         state = row["state"]  # not handed to the trainer yet
+    if start_error and not obs.started:  # the target's supervisor could not start it
+        state, reason = states.FAILED, f"the target's queue could not start it: {start_error}"
     requeued = row.get("spec") and row["spec"]["attempt"] + obs.restarts > row["attempt"]
     if row["state"] in states.ENDED and state not in states.ENDED and not requeued:
         state, reason = row["state"], None  # an ended run stays ended until a new attempt starts
-    fields = {**(queue_fields or {}), **states.progress_fields(obs.status), "stale": 0, "exit_code": obs.exit_code}
+    fields = {**queue_fields, **states.progress_fields(obs.status), "stale": 0, "exit_code": obs.exit_code}
     if not obs.started:
         fields.pop("started_at", None)
     elif not row.get("started_at") and not fields.get("started_at"):

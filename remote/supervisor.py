@@ -295,11 +295,11 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = entry["cuda_visible_devices"]
         command = [a.replace(Q.PORT_PLACEHOLDER, str(entry["port"])) for a in entry["command"]]
         run_dir = C.run_dir(self.workdir, entry["run"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / C.LOG, "a") as log:
-            log.write(f"=== opskit queue: entry {entry['seq']}, CUDA_VISIBLE_DEVICES="
-                      f"{entry.get('cuda_visible_devices') or '(unset)'}, rendezvous port {entry['port']}\n")
-        try:
+        try:  # a full disk or a broken run directory fails this run, not the supervisor (and the queue)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / C.LOG, "a") as log:
+                log.write(f"=== opskit queue: entry {entry['seq']}, CUDA_VISIBLE_DEVICES="
+                          f"{entry.get('cuda_visible_devices') or '(unset)'}, rendezvous port {entry['port']}\n")
             entry["pid"] = agent.start(self.workdir, entry["run"], command, env)["pid"]
         except (OSError, SystemExit) as e:  # agent.start exits with a JSON error when the run is alive
             entry.update(error=f"could not start: {e}", ended_at=time.time())

@@ -178,3 +178,28 @@ def test_queue_fields_come_from_this_attempt():
 def test_interrupt_signal_is_delivered_to_this_process():
     # Guards the Ctrl-C test above: it relies on SIGINT raising KeyboardInterrupt here.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler or os.name != "posix"
+
+
+def test_a_run_its_queue_could_not_start_shows_failed_and_the_queue_goes_on(store):
+    rec = operations.local_target_record(store)
+    workdir = Path(rec["config"]["workdir"])
+    store.add_target("local", "local", {**rec["config"], "idle_exit_s": 2}, replace=True)
+    run_dir = Path(operations.get_target(store, "local").run_dir(RUN))
+    (run_dir / C.LOG).mkdir(parents=True)  # the run's log cannot be opened: the supervisor cannot start it
+    try:
+        [queued] = operations.launch(store, "demo", configs=["geo_500k"], seeds=[42])
+        assert queued["queued"]
+        deadline = time.monotonic() + 60
+        while store.require_run(RUN)["state"] not in states.ENDED and time.monotonic() < deadline:
+            time.sleep(0.5)
+            operations.refresh(store)
+        assert store.require_run(RUN)["state"] == states.FAILED
+        assert "could not start it" in store.events(RUN)[-1]["reason"]
+        assert operations.queue_view(store, "local")[0]["pending"] == []  # nothing left waiting behind it
+    finally:
+        pid_file = workdir / "queue" / "supervisor.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
