@@ -57,13 +57,14 @@ class Plan:
 
 
 def dependency_state(after: list[str], run_states: dict[str, str]) -> tuple[bool, str | None]:
-    """(ready, reason) for an entry's `after` runs; run_states maps run -> done|failed|running|queued|unknown."""
+    """(ready, reason) for an entry's `after` runs; run_states maps run ->
+    done|failed|cancelled|lost|running|queued|unknown."""
     for dep in after:
         state = run_states.get(dep, "unknown")
         if state == "done":
             continue
-        if state == "failed":
-            return False, f"after {dep}, which failed: resume or rerun it, or cancel this run"
+        if state in ("failed", "cancelled", "lost"):
+            return False, f"after {dep}, which {'was ' if state == 'cancelled' else ''}{state}: resume or rerun it, or cancel this run"
         if state == "unknown":
             return False, f"after {dep}, which is not on this target"
         return False, f"after {dep} ({state})"

@@ -75,7 +75,8 @@ def read_config(workdir: str) -> dict:
 
 
 def run_state(workdir: str, run: str) -> str:
-    """done | failed | running | unknown, from the run directory (exit_code, heartbeat, pid)."""
+    """done | failed | cancelled | lost | running | unknown, from the run directory (exit_code,
+    heartbeat, pid): the same facts, in the same order, as opskit.states.derive_state."""
     run_dir = C.run_dir(workdir, run)
     if not run_dir.exists():
         return "unknown"
@@ -84,11 +85,13 @@ def run_state(workdir: str, run: str) -> str:
     except (OSError, ValueError):
         code = None
     if code is not None:
-        status = C.read_json(run_dir / C.STATUS) or {}
-        return "done" if code == C.EXIT_OK and status.get("state") == "done" else "failed"
+        hb_state = (C.read_json(run_dir / C.STATUS) or {}).get("state")
+        if code == C.EXIT_OK and hb_state == "done":
+            return "done"
+        return "cancelled" if code != C.EXIT_OK and hb_state == "interrupted" else "failed"
     if agent._pid_alive(run_dir):
         return "running"
-    return "failed" if (run_dir / C.PID).exists() else "unknown"
+    return "lost" if (run_dir / C.PID).exists() else "unknown"
 
 
 def _dependency_states(workdir: str, pending: list[dict], started: list[dict]) -> dict[str, str]:

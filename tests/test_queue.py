@@ -122,6 +122,8 @@ def test_plan_strict_order_dependencies_and_impossible_requests():
                             3: "waiting for GPUs", 4: "waiting for GPUs"}
     failed = Q.plan_starts(config, pending[:1], [], {"train": "failed"})
     assert "which failed" in failed.waiting[1] and not failed.starts
+    cancelled = Q.plan_starts(config, pending[:1], [], {"train": "cancelled"})
+    assert "which was cancelled" in cancelled.waiting[1] and not cancelled.starts
     done = Q.plan_starts(config, pending[:1], [], {"train": "done"})
     assert [(s.run, s.slots) for s in done.starts] == [("eval", (0, 1))]
 
