@@ -76,7 +76,8 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     `after`: runs on the same target that must be done before these start."""
     m, ph = catalog.resolve_phase(phase, matrix)
     if not configs and ph.from_gate:
-        configs = gate_survivors(store, m.name, ph.from_gate)
+        from opskit.results.gate import phase_configs
+        configs = phase_configs(store, ph.name, m.name)
     planned = catalog.expand(m, ph, configs, seeds)
     existing = {p.name: store.get_run(p.name) for p in planned}
     decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
@@ -194,17 +195,6 @@ def _start_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool, o
                      spec=spec, pid=started.get("pid"), job_id=started.get("job_id"), started_at=time.time(),
                      ended_at=None, exit_code=None, cancel_requested=0, stale=0)
     return {"run": run, "started": True, "attempt": attempt, "target": tgt.name, **started}
-
-
-def gate_survivors(store: Store, matrix: str, gate_phase: str) -> list[str]:
-    decision = store.latest_gate(matrix, gate_phase)
-    if decision is None:
-        raise OpsError(f"phase {gate_phase} has no gate decision yet: run `opskit gate {gate_phase}` "
-                       f"(after pulling its results) or pass --config")
-    survivors = decision.get("survivors") or decision.get("pass") or []
-    if not survivors:
-        raise OpsError(f"the gate of {gate_phase} passed no config; pass --config to launch anyway")
-    return list(survivors)
 
 
 # ------------------------------------------------------------------ status

@@ -73,6 +73,3 @@ class SlurmClient:
 
     def cancel(self, job_id: str) -> None:
         self.run(["scancel", job_id], check=False)  # an ended job is not an error
-
-    def requeue(self, job_id: str) -> None:
-        self.run(["scontrol", "requeue", job_id])

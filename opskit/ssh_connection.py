@@ -97,17 +97,6 @@ def connection(addr: Address, fresh: bool = False) -> Connection:
         return slot.conn
 
 
-def close_all() -> None:
-    with _pool_lock:
-        slots = list(_pool.values())
-        _pool.clear()
-    for slot in slots:
-        with slot.lock:
-            if slot.conn is not None:
-                slot.conn.close()
-                slot.conn = None
-
-
 def _open_channel(addr: Address) -> paramiko.Channel:
     """A session channel; a dead pooled connection is replaced once before giving up."""
     for attempt in (0, 1):

@@ -88,7 +88,10 @@ def test_run_names_round_trip():
 def test_launch_of_a_gated_phase_uses_the_survivors(tmp_path):
     from opskit import operations
     store = Store(tmp_path / "state.db")
-    with pytest.raises(OpsError, match="no gate decision yet"):
+    with pytest.raises(OpsError, match="gate of p0, which was never applied"):
+        operations.launch(store, "p1", dry_run=True)
+    store.record_gate("1p5b", "p0", {"survivors": [], "dropped": ["geo_500k"]})
+    with pytest.raises(OpsError, match="passed no config"):
         operations.launch(store, "p1", dry_run=True)
     store.record_gate("1p5b", "p0", {"survivors": ["hybrid_a0.2_t100k"], "dropped": ["geo_500k"]})
     plan = operations.launch(store, "p1", dry_run=True)

@@ -77,5 +77,8 @@ def phase_configs(store, phase: str, matrix: str | None = None, config_dir: Path
     decision = store.latest_gate(m.name, ph.from_gate)
     if decision is None:
         raise GateError(f"phase {ph.name} runs the configs that pass the gate of {ph.from_gate}, "
-                        f"which was never applied: run `opskit gate {ph.from_gate}` first")
+                        f"which was never applied: run `opskit gate {ph.from_gate}` (after pulling its "
+                        f"results) or pass --config")
+    if not decision["survivors"]:
+        raise GateError(f"the gate of {ph.from_gate} passed no config; pass --config to launch anyway")
     return list(decision["survivors"])
