@@ -446,6 +446,7 @@ def targets_add(
     agent_python: Optional[str] = typer.Option(None, "--agent-python",
                                                help="python3 on the box that runs opskit's agent (stdlib only)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing target of that name."),
+    as_json: bool = typer.Option(False, "--json"),
 ):
     """Register a target.
 
@@ -463,6 +464,8 @@ def targets_add(
         raise OpsError("say what the target is: --ssh USER@HOST[:PORT] or --slurm")
     with _store() as store:
         rec = operations.add_target(store, name, kind, {k: v for k, v in options.items() if v is not None}, replace)
+    if as_json:
+        return _print_json(rec)
     typer.echo(f"added {rec['kind']} target {name}: " + ", ".join(f"{k}={v}" for k, v in rec["config"].items()))
 
 
@@ -484,13 +487,15 @@ def targets_list(as_json: bool = typer.Option(False, "--json")):
 
 
 @targets_app.command("remove")
-def targets_remove(name: str = typer.Argument(...)):
+def targets_remove(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
     """Forget a target (its runs stay in the store).
 
     Example: opskit targets remove box1
     """
     with _store() as store:
         store.remove_target(name)
+    if as_json:
+        return _print_json({"removed": name})
     typer.echo(f"removed target {name}")
 
 
@@ -517,7 +522,8 @@ def targets_check(name: str = typer.Argument("local"), as_json: bool = typer.Opt
 
 
 @targets_app.command("prepare")
-def targets_prepare(name: str = typer.Argument(...)):
+def targets_prepare(name: str = typer.Argument(...),
+                    as_json: bool = typer.Option(False, "--json", help="Progress lines go to stderr.")):
     """Provision a target (venv, trainer dependencies, checks); safe to repeat.
 
     Example: opskit targets prepare box1
@@ -525,10 +531,12 @@ def targets_prepare(name: str = typer.Argument(...)):
     from opskit import operations
     with _store() as store:
         tgt = operations.get_target(store, name)
-        tgt.prepare(on_line=typer.echo)
+        tgt.prepare(on_line=(lambda line: typer.echo(line, err=True)) if as_json else typer.echo)
         tgt.sync()
         if tgt.has_queue:
             tgt.ensure_supervisor()  # picks up a queue whose supervisor died
+    if as_json:
+        return _print_json({"target": name, "ready": True})
     typer.echo(f"target {name} is ready")
 
 
