@@ -79,32 +79,25 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         from opskit.results.gate import phase_configs
         configs = phase_configs(store, ph.name, m.name)
     planned = catalog.expand(m, ph, configs, seeds)
-    existing = {p.name: store.get_run(p.name) for p in planned}
-    decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
     tgt = get_target(store, target)
     after = list(after or [])
-    waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run)) for d in decisions if d.start}
-    out = []
-    if dry_run:
-        for d in decisions:
-            spec = planning.build_spec(d.run, tgt.workdir, d.attempt)
-            out.append({"run": d.run.name, "start": d.start, "reason": d.reason, "target": target, "spec": spec,
-                        "after": waits.get(d.run.name, []), "command": _command(tgt, d.run.name, spec)})
-            if hasattr(tgt, "dry_run_script"):  # SLURM: the sbatch script that would be submitted
-                out[-1]["sbatch"] = tgt.dry_run_script(d.run.name, out[-1]["command"], d.attempt)
-        return out
-    to_start = [d for d in decisions if d.start]
-    for d in decisions:
-        if not d.start:
-            out.append({"run": d.run.name, "started": False, "reason": d.reason})
+    with store.transaction():  # decide and claim at once: two launches of one run never both start it
+        existing = {p.name: store.get_run(p.name) for p in planned}
+        decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
+        waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run))
+                 for d in decisions if d.start}
+        if dry_run:
+            return _dry_run_plan(tgt, decisions, waits)
+        to_start = [d for d in decisions if d.start]
+        for d in to_start:
+            store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
+                              "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
+                              "run_dir": tgt.run_dir(d.run.name),
+                              "after": json.dumps(waits[d.run.name]) if waits[d.run.name] else None,
+                              "spec": planning.build_spec(d.run, tgt.workdir, d.attempt)}, reason=d.reason)
+    out = [{"run": d.run.name, "started": False, "reason": d.reason} for d in decisions if not d.start]
     if not to_start:
         return out
-    for d in to_start:
-        store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
-                          "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
-                          "run_dir": tgt.run_dir(d.run.name),
-                          "after": json.dumps(waits[d.run.name]) if waits[d.run.name] else None,
-                          "spec": planning.build_spec(d.run, tgt.workdir, d.attempt)}, reason=d.reason)
     names = [d.run.name for d in to_start]
     handed: set[str] = set()
     try:
@@ -130,6 +123,17 @@ def _end_unhanded(store: Store, runs: list[str], error: BaseException, target: s
         state, reason = states.FAILED, f"target {target}: {error or type(error).__name__}"
     for name in runs:
         store.update_run(name, state=state, reason=reason, ended_at=time.time())
+
+
+def _dry_run_plan(tgt: Target, decisions: list[planning.LaunchDecision], waits: dict[str, list[str]]) -> list[dict]:
+    out = []
+    for d in decisions:
+        spec = planning.build_spec(d.run, tgt.workdir, d.attempt)
+        out.append({"run": d.run.name, "start": d.start, "reason": d.reason, "target": tgt.name, "spec": spec,
+                    "after": waits.get(d.run.name, []), "command": _command(tgt, d.run.name, spec)})
+        if hasattr(tgt, "dry_run_script"):  # SLURM: the sbatch script that would be submitted
+            out[-1]["sbatch"] = tgt.dry_run_script(d.run.name, out[-1]["command"], d.attempt)
+    return out
 
 
 def _sources(store: Store, ph: catalog.Phase, run: catalog.PlannedRun) -> list[str]:

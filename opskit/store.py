@@ -73,8 +73,13 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """A write transaction taken up front (BEGIN IMMEDIATE), so concurrent writers queue, not fail."""
+        """A write transaction taken up front (BEGIN IMMEDIATE), so concurrent writers queue, not fail.
+
+        Nested use joins the outer transaction (which commits or rolls back the whole)."""
         conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield

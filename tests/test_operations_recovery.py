@@ -203,3 +203,30 @@ def test_a_run_its_queue_could_not_start_shows_failed_and_the_queue_goes_on(stor
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def test_concurrent_launches_of_one_run_start_it_once(tmp_path):
+    import threading
+    slow = tmp_path / "python"  # prepare takes a moment, then fails: enough for the launches to overlap
+    slow.write_text("#!/bin/sh\nsleep 1\nexit 1\n")
+    slow.chmod(0o755)
+    with Store(tmp_path / "state.db") as s:
+        set_local_python(s, str(slow))
+    results, gate = [], threading.Barrier(4)
+
+    def launch_once():
+        with Store(tmp_path / "state.db") as s:
+            gate.wait()
+            try:
+                results.append(operations.launch(s, "demo", configs=["geo_500k"], seeds=[42])[0]["reason"])
+            except OpsError as e:
+                results.append(f"took it: {e}")
+
+    threads = [threading.Thread(target=launch_once) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.startswith("took it") for r in results) == 1, results  # the others were refused
+    with Store(tmp_path / "state.db") as s:
+        assert s.require_run(RUN)["attempt"] == 1
