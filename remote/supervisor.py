@@ -107,6 +107,20 @@ def _has_ended(workdir: str, entry: dict) -> bool:
     return (run_dir / C.EXIT_CODE).exists() or not agent._pid_alive(run_dir)
 
 
+def _finish(workdir: str, d: Path, entry: dict, log: bool = True) -> None:
+    """Move an ended run's entry to finished/ with its exit code (under the queue lock)."""
+    try:
+        code = int((C.run_dir(workdir, entry["run"]) / C.EXIT_CODE).read_text().strip())
+    except (OSError, ValueError):
+        code = None
+    entry.update(exit_code=code, ended_at=time.time())
+    name = _entry_name(entry["seq"])
+    C.atomic_write_json(d / "started" / name, entry)
+    os.rename(d / "started" / name, d / "finished" / name)
+    if log:  # the supervisor's log; not the agent's stdout, which carries its JSON answer
+        _log(f"{entry['run']} (entry {entry['seq']}) ended, exit code {code}")
+
+
 def port_free(port: int) -> bool:
     """Can a rendezvous server listen on this port of the host right now?"""
     with socket.socket() as s:
@@ -145,6 +159,9 @@ def enqueue(workdir: str, entry: dict, config: dict | None) -> dict:
     with locked(workdir) as d:
         if config is not None:
             C.atomic_write_json(d / "config.json", config)
+        for e in _entries(d, "started"):  # ended (a stalled run just killed by resume): the next tick would
+            if e["run"] == run and e.get("pid") and _has_ended(workdir, e):
+                _finish(workdir, d, e, log=False)
         for sub in ("pending", "started"):
             if any(e["run"] == run for e in _entries(d, sub)):
                 raise QueueError(f"run {run} is already {'queued' if sub == 'pending' else 'started'} here")
@@ -268,7 +285,7 @@ class Supervisor:
                 if e.get("pid") is None:
                     self._recover(d, e, config)
                 elif _has_ended(self.workdir, e):
-                    self._finish(d, e)
+                    _finish(self.workdir, d, e)
                     continue
                 started.append(e)
             pending = Q.order(_entries(d, "pending"))
@@ -330,17 +347,6 @@ class Supervisor:
         entry["pid"] = pid or -1
         C.atomic_write_json(d / "started" / _entry_name(entry["seq"]), entry)
         _log(f"adopted {entry['run']} (entry {entry['seq']}) pid {pid}")
-
-    def _finish(self, d: Path, entry: dict) -> None:
-        try:
-            code = int((C.run_dir(self.workdir, entry["run"]) / C.EXIT_CODE).read_text().strip())
-        except (OSError, ValueError):
-            code = None
-        entry.update(exit_code=code, ended_at=time.time())
-        name = _entry_name(entry["seq"])
-        C.atomic_write_json(d / "started" / name, entry)
-        os.rename(d / "started" / name, d / "finished" / name)
-        _log(f"{entry['run']} (entry {entry['seq']}) ended, exit code {code}")
 
 
 def _reap_children() -> None:

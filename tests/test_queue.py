@@ -254,3 +254,18 @@ def test_a_dependency_that_succeeds_releases_its_follower(workdir):
     wait_until(lambda: all_finished(workdir, ["p1/train/s1", "p2/eval/s1"]), what="train then eval")
     spans = intervals(workdir, ["p1/train/s1", "p2/eval/s1"])
     assert spans["p2/eval/s1"][0] >= spans["p1/train/s1"][1]
+
+
+def test_a_killed_run_can_be_queued_again_at_once(workdir):
+    """resume of a stalled run: KILL, then queue the next attempt before the supervisor's next tick."""
+    config = {"gpus": 0, "idle_exit_s": 2}
+    run = "q/r/s1"
+    enqueue(workdir, run, config, sleep=60)
+    wait_until(lambda: C.run_dir(workdir, run).joinpath("t_start").exists(), what="the first attempt running")
+    assert agent(workdir, "signal", "--run", run, "--sig", "KILL")["signalled"]
+    again = enqueue(workdir, run, config, sleep=0.1)  # refused before: "already started here"
+    assert again["position"] == 1
+    wait_until(lambda: all_finished(workdir, [run]), what="the second attempt")
+    finished = [f for f in agent(workdir, "queue-state")["finished"] if f["run"] == run]
+    assert [f["exit_code"] for f in finished] == [None, 0]  # killed (no exit code), then done
+    assert starts_in_log(workdir, run) == 2
