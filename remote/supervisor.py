@@ -260,7 +260,9 @@ def ensure_running(workdir: str) -> dict:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         info = supervisor_info(workdir)
-        if info["alive"] or proc.poll() is not None:
+        # Ours holds the lock a moment before it rewrites supervisor.pid: wait for its own pid there
+        # (or for it to exit: another supervisor won the lock).
+        if (info["alive"] and info["pid"] == proc.pid) or proc.poll() is not None:
             break
         time.sleep(0.02)
     return {**info, "started": True, "pid": info["pid"] or proc.pid}
