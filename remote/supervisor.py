@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         if not sup.tick():
             # Give the lock up under the queue lock, so an enqueue either sees us alive and we see its
             # entry, or sees us gone and starts a new supervisor.
-            with locked(a.workdir) as qd:
-                if not (any((qd / "pending").glob("*.json")) or any((qd / "started").glob("*.json"))):
+            with locked(a.workdir):
+                if not has_work(a.workdir):
                     lock.close()
                     _log("idle; exiting")
                     return
