@@ -448,8 +448,9 @@ def pull(store: Store, runs: list[str] | None = None, results_dir: str = "result
          on_event: Notify = _quiet) -> list[dict]:
     """Fetch each run's allowed artifacts into results/raw/<phase>/<config>/seed<k>/ with a manifest.
 
-    The local folder mirrors the run directory: a file the previous pull brought and the run no longer
-    has (a rerun started afresh) is removed, so no report reads an earlier attempt's results."""
+    A file an earlier attempt's pull brought that the run no longer has (a rerun started afresh) is
+    removed, so no report reads an earlier attempt's results; one the box lost within the same attempt
+    (cleaned up after a pull) is kept."""
     rows = [store.require_run(r) for r in runs] if runs else store.list_runs()
     out = []
     for r in rows:
@@ -475,27 +476,34 @@ def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict
             f = {**f, "sha256": got, "size": (dest / f["path"]).stat().st_size}
         store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
         recorded.append(f)
-    gone = _previously_pulled(dest) - {f["path"] for f in files}
-    for path in sorted(gone):
-        (dest / path).unlink(missing_ok=True)
-    store.forget_artifacts(r["name"], sorted(gone))
+    previous_attempt, previous = _previously_pulled(dest)
+    missing = [f for f in previous if f["path"] not in {g["path"] for g in files}]
+    gone, kept = [], []
+    for f in missing:
+        if previous_attempt != r["attempt"]:  # superseded by a new attempt (a rerun started afresh)
+            (dest / f["path"]).unlink(missing_ok=True)
+            gone.append(f["path"])
+        elif (dest / f["path"]).exists():  # same attempt, gone from the box (cleaned up): ours to keep
+            kept.append(f)
+    store.forget_artifacts(r["name"], gone)
     C.atomic_write_json(dest / "manifest.json", {"run": r["name"], "target": r["target"],
                                                  "attempt": r["attempt"], "state": r["state"],
-                                                 "pulled_at": time.time(), "files": recorded})
-    removed = f", {len(gone)} no longer on the target removed" if gone else ""
+                                                 "pulled_at": time.time(), "files": recorded + kept})
+    removed = f", {len(gone)} of an earlier attempt removed" if gone else ""
     on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
-    return {"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "removed": sorted(gone),
+    return {"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "removed": gone,
             "dest": str(dest)}
 
 
-def _previously_pulled(dest: Path) -> set[str]:
-    """Paths the last pull into `dest` brought (its manifest.json), confined to `dest`."""
+def _previously_pulled(dest: Path) -> tuple[int | None, list[dict]]:
+    """Attempt and files of the last pull into `dest` (its manifest.json), files confined to `dest`."""
     try:
-        files = json.loads((dest / "manifest.json").read_text())["files"]
+        manifest = json.loads((dest / "manifest.json").read_text())
+        files, attempt = list(manifest["files"]), manifest.get("attempt")
     except (OSError, ValueError, KeyError, TypeError):
-        return set()
+        return None, []
     root = dest.resolve()
-    return {f["path"] for f in files if (dest / f["path"]).resolve().is_relative_to(root)}
+    return attempt, [f for f in files if (dest / f["path"]).resolve().is_relative_to(root)]
 
 
 def _sha256(path: Path) -> str | None:

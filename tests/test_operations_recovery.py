@@ -144,13 +144,19 @@ def test_pull_drops_files_a_rerun_no_longer_has(store, tmp_path):
     user_note = dest / "notes.txt"  # never pulled: not ours to remove
     user_note.write_text("mine")
 
-    (run_dir / "results.json").unlink()  # the rerun started afresh and has no results yet
+    (run_dir / "results.json").unlink()  # the box was cleaned up after the pull: keep our copy
+    [same] = operations.pull(store, [RUN], results_dir=str(results))
+    assert same["removed"] == [] and (dest / "results.json").exists()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert sorted(f["path"] for f in manifest["files"]) == ["results.json", "run.log"]
+
+    store.update_run(RUN, attempt=2, state=states.TRAINING)  # a rerun started afresh, no results yet
     [second] = operations.pull(store, [RUN], results_dir=str(results))
     assert second["removed"] == ["results.json"]
     assert not (dest / "results.json").exists() and user_note.exists()
     assert [a["path"] for a in store.artifacts(RUN)] == ["run.log"]
     manifest = json.loads((dest / "manifest.json").read_text())
-    assert [f["path"] for f in manifest["files"]] == ["run.log"]
+    assert [f["path"] for f in manifest["files"]] == ["run.log"] and manifest["attempt"] == 2
 
 
 def test_one_run_failing_to_pull_does_not_stop_the_others(store, tmp_path):
