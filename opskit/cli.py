@@ -445,6 +445,9 @@ def targets_add(
                                                    "on the box (default: download.pytorch.org for its CUDA)."),
     agent_python: Optional[str] = typer.Option(None, "--agent-python",
                                                help="python3 on the box that runs opskit's agent (stdlib only)."),
+    stall_after: Optional[float] = typer.Option(None, "--stall-after", metavar="SECONDS",
+                                                help="A live run with no heartbeat (or no training progress) "
+                                                     "for this long shows stalled (default 300)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing target of that name."),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -458,7 +461,8 @@ def targets_add(
                "python": python, "partition": partition, "account": account, "qos": qos, "nodes": nodes,
                "gpus_per_node": gpus_per_node, "time": time_limit, "login": login, "known_hosts": known_hosts,
                "base_python": base_python, "system_site_packages": system_site_packages or None,
-               "no_install": no_install or None, "torch_index": torch_index, "agent_python": agent_python}
+               "no_install": no_install or None, "torch_index": torch_index, "agent_python": agent_python,
+               "stall_after_s": stall_after}
     kind = "slurm" if slurm else "ssh" if ssh else None
     if kind is None:
         raise OpsError("say what the target is: --ssh USER@HOST[:PORT] or --slurm")

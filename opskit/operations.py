@@ -49,9 +49,15 @@ def add_target(store: Store, name: str, kind: str, options: dict, replace: bool 
     if name == "local":
         raise OpsError("'local' is the built-in local target; pick another name")
     from opskit.targets import target_class
+    options = dict(options)
     if kind == "slurm" and not options.get("login") and not options.get("workdir"):
-        options = {**options, "workdir": _workdir_beside_store(store, name)}  # this machine is the cluster's
+        options["workdir"] = _workdir_beside_store(store, name)  # this machine is the cluster's
+    stall_after_s = options.pop("stall_after_s", None)
     config = target_class(kind).config_from_options({**options, "name": name})
+    if stall_after_s is not None:  # every kind: when a live run counts as stalled (docs/states.md)
+        if float(stall_after_s) < 30:
+            raise OpsError(f"--stall-after {stall_after_s}: at least 30 s (the trainer beats every 10-30 s)")
+        config["stall_after_s"] = float(stall_after_s)
     store.add_target(name, kind, config, replace=replace)
     return store.get_target(name)
 
@@ -269,7 +275,8 @@ def _apply(store: Store, row: dict, obs: states.Observation, tgt: Target, queue_
         obs = dataclasses.replace(obs, status=None)  # an earlier attempt's heartbeat says nothing of this one
     queue_fields = dict(queue_fields or {})
     start_error = queue_fields.pop("start_error", None)
-    state, reason = states.derive_state(obs, float(tgt.config.get("stall_after_s", states.DEFAULT_STALL_AFTER_S)))
+    state, reason = states.derive_state(obs, float(tgt.config.get("stall_after_s", states.DEFAULT_STALL_AFTER_S)),
+                                        (row.get("spec") or {}).get("log_every"))
     if row["state"] in states.NOT_HANDED and not obs.started:
         state = row["state"]  # not handed to the trainer yet
     if start_error and not obs.started:  # the target's supervisor could not start it

@@ -46,8 +46,19 @@ class Observation:
     log_tail: str | None = None
 
 
-def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> tuple[str, str]:
-    """(state, reason) for one observation."""
+def report_interval_s(status: dict | None, log_every: int | None) -> float | None:
+    """Seconds between the trainer's progress reports (one per `log_every` steps) at its current pace."""
+    hb = status or {}
+    step, tokens, tps = hb.get("step"), hb.get("tokens"), hb.get("tokens_per_s")
+    if not (log_every and step and tokens and tps):
+        return None
+    return log_every * (tokens / step) / tps
+
+
+def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
+                 log_every: int | None = None) -> tuple[str, str]:
+    """(state, reason) for one observation. `log_every` (the spec's) lets a training run whose
+    progress reports are further apart than `stall_after_s` wait three of its own intervals."""
     hb = obs.status or {}
     hb_state = hb.get("state")
     tail = f"; log: {obs.log_tail}" if obs.log_tail else ""
@@ -76,7 +87,8 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S)
     if age > stall_after_s:
         return STALLED, f"alive, heartbeat {age:.0f}s old"
     quiet = obs.now - float(hb.get("progress_at") or obs.now)
-    if hb_state == "training" and quiet > stall_after_s:  # the beat goes on but no step is reported
+    allowed = max(stall_after_s, 3 * (report_interval_s(hb, log_every) or 0))
+    if hb_state == "training" and quiet > allowed:  # the beat goes on but no step is reported
         return STALLED, f"alive, no training progress for {quiet:.0f}s"
     state = _LIVE_FROM_HEARTBEAT.get(hb_state)
     if state:

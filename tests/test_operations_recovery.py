@@ -236,3 +236,11 @@ def test_concurrent_launches_of_one_run_start_it_once(tmp_path):
     assert sum(r.startswith("took it") for r in results) == 1, results  # the others were refused
     with Store(tmp_path / "state.db") as s:
         assert s.require_run(RUN)["attempt"] == 1
+
+
+def test_a_target_records_its_stall_threshold_and_a_slurm_workdir_beside_the_store(store):
+    rec = operations.add_target(store, "hpc", "slurm", {"stall_after_s": 900.0})
+    assert rec["config"]["stall_after_s"] == 900.0
+    assert rec["config"]["workdir"] == str(store.path.resolve().parent / ".opskit" / "hpc")
+    with pytest.raises(OpsError, match="at least 30 s"):
+        operations.add_target(store, "hpc2", "slurm", {"stall_after_s": 5})

@@ -35,6 +35,15 @@ def test_derive_state(obs, expected):
     assert derive_state(obs)[0] == expected
 
 
+def test_slow_logging_runs_wait_three_of_their_own_report_intervals():
+    # 10 steps per report at 1000 tokens/step and 50 tokens/s: a report every 200 s, so 600 s of quiet
+    slow = hb("training", progress_at=NOW - 500, step=20, tokens=20_000, tokens_per_s=50.0)
+    assert derive_state(Observation(slow, None, alive=True, now=NOW), 300, log_every=10)[0] == "training"
+    assert derive_state(Observation({**slow, "progress_at": NOW - 601}, None, alive=True, now=NOW), 300,
+                        log_every=10)[0] == "stalled"
+    assert derive_state(Observation(slow, None, alive=True, now=NOW), 300)[0] == "stalled"  # pace unknown
+
+
 def test_reasons_carry_the_evidence():
     assert "CUDA out of memory" in derive_state(Observation(hb("failed", message="CUDA out of memory"), 1, False, NOW))[1]
     assert "step 40" in derive_state(Observation(hb("interrupted", checkpoint_step=40), 75, False, NOW))[1]
