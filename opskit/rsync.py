@@ -117,6 +117,8 @@ def copy_run_for_resume(src, dst, run: str, scratch: Path) -> str:
     """Copy the newest complete checkpoint of `run` (plus its loss curve, log and spec) from target `src`
     to target `dst` through `scratch` on this machine. `.complete` goes last: an interrupted copy never
     looks like a checkpoint. Returns the step directory's name."""
+    src.check_movable()
+    dst.check_movable()
     step = latest_checkpoint(src, run)
     if step is None:
         raise OpsError(f"{run} has no complete checkpoint on {src.name} to resume from")

@@ -181,11 +181,6 @@ def test_queue_fields_come_from_this_attempt():
     assert operations._queue_fields(queue, RUN, 1)["gpus"] == "0"
 
 
-def test_interrupt_signal_is_delivered_to_this_process():
-    # Guards the Ctrl-C test above: it relies on SIGINT raising KeyboardInterrupt here.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler or os.name != "posix"
-
-
 def test_a_run_its_queue_could_not_start_shows_failed_and_the_queue_goes_on(store):
     rec = operations.local_target_record(store)
     workdir = Path(rec["config"]["workdir"])

@@ -109,12 +109,6 @@ class SlurmTarget(Target):
         raise OpsError(f"moving a run to or from a SLURM target ({self.name}) is not supported: "
                        f"resume it on its own target")
 
-    @property
-    def address(self):
-        """Only opskit/rsync.py's move helpers ask for it (no address would mean a path on this
-        machine, wrong behind --login): a move is refused instead."""
-        self.check_movable()
-
     def check(self) -> dict:
         _, out = self.client.run(["sinfo", "-h", "-o", "%P %a %D %T"])
         return {**self._via.check(), "partitions": out.strip().splitlines()}
