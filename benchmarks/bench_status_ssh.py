@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import sshd  # noqa: E402
 
-from opskit import operations, ssh_connection  # noqa: E402
+from opskit import operations  # noqa: E402
+from opskit.transport import ssh as ssh_connection  # noqa: E402
 from opskit.store import Store  # noqa: E402
 from train import contract as C  # noqa: E402
 

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from opskit.errors import OpsError, unknown_name
+from train import contract
+from train.spec import DTYPES, EVAL_MODES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MATRIX = "1p5b"  # p0/p1/p2 mean the 1.5B matrix unless --matrix names another
@@ -72,15 +74,14 @@ class PlannedRun:
         return run_name(self.phase, self.config, self.seed)
 
 
-def run_name(phase: str, config: str, seed: int) -> str:
-    return f"{phase}/{config}/s{seed}"
+run_name = contract.run_name
 
 
 def parse_run_name(name: str) -> tuple[str, str, int]:
-    parts = name.strip("/").split("/")
-    if len(parts) != 3 or not parts[2].startswith("s") or not parts[2][1:].isdigit():
-        raise OpsError(f"bad run name '{name}': expected <phase>/<config>/s<seed>, e.g. demo/geo_500k/s42")
-    return parts[0], parts[1], int(parts[2][1:])
+    try:
+        return contract.parse_run_name(name)
+    except ValueError as e:
+        raise OpsError(str(e)) from None
 
 
 # ---------------------------------------------------------------- loading with line numbers
@@ -172,17 +173,17 @@ def _load_file(path: Path) -> Matrix:
     extra = set(train) - set(_TRAIN_FIELDS) - {"compile", "activation_checkpointing"}
     if extra:
         v.fail(f"train.{sorted(extra)[0]}", f"unknown training field (valid: {', '.join(_TRAIN_FIELDS)}, compile, activation_checkpointing)")
-    if train["dtype"] not in ("auto", "fp32", "bf16"):
-        v.fail("train.dtype", "must be auto, fp32 or bf16")
+    if train["dtype"] not in DTYPES:
+        v.fail("train.dtype", f"must be one of {', '.join(DTYPES)}")
 
     ev = v.get(data, "eval", "", dict)
     lengths = v.get(ev, "lengths", "eval", list)
     if not lengths or not all(isinstance(x, int) and x > 0 for x in lengths):
         v.fail("eval.lengths", "expected a list of positive integers")
     v.get(ev, "chunks", "eval", int)
-    if v.get(ev, "mode", "eval", str, required=False, default="sequential") not in ("sequential", "random"):
-        v.fail("eval.mode", "must be sequential or random")
-    ev.setdefault("mode", "sequential")
+    if v.get(ev, "mode", "eval", str, required=False, default=EVAL_MODES[0]) not in EVAL_MODES:
+        v.fail("eval.mode", f"must be one of {', '.join(EVAL_MODES)}")
+    ev.setdefault("mode", EVAL_MODES[0])
 
     groups = v.get(data, "configs", "", dict)
     configs: dict[str, tuple[str, ...]] = {}
@@ -318,6 +319,34 @@ def resolve_phase(phase: str, matrix: str | None = None, config_dir: Path = CONF
 # ---------------------------------------------------------------- expansion
 
 
+def phase_tokens(m: Matrix, phase: Phase) -> int:
+    """Training tokens per run of a phase: its fraction of the matrix's budget."""
+    return int(m.train["tokens"] * phase.token_fraction)
+
+
+def describe(matrix: str | None = None, phase: str | None = None, config_dir: Path = CONFIG_DIR) -> list[dict]:
+    """Each (matrix, phase) with what it expands to: `opskit matrix show`."""
+    if matrix:
+        matrices = [load_matrix(matrix, config_dir)]
+    elif phase:
+        matrices = [resolve_phase(phase, config_dir=config_dir)[0]]
+    else:
+        matrices = list(load_all(config_dir).values())
+    out = []
+    for m in matrices:
+        if phase and phase not in m.phases:
+            raise unknown_name(f"phase of matrix {m.name}", phase, sorted(m.phases))
+        for ph in [m.phases[phase]] if phase else list(m.phases.values()):
+            if ph.from_gate:
+                runs = [f"{ph.name}/<survivors of {ph.from_gate}>/s{s}" for s in ph.seeds]
+            else:
+                runs = [r.name for r in expand(m, ph)]
+            out.append({"matrix": m.name, "phase": ph.name, "kind": ph.kind, "preset": ph.preset or m.preset,
+                        "tokens": phase_tokens(m, ph), "configs": list(ph.configs), "seeds": list(ph.seeds),
+                        "gate": ph.gate, "from_gate": ph.from_gate, "runs": runs})
+    return out
+
+
 def expand(m: Matrix, phase: Phase, configs: list[str] | None = None, seeds: list[int] | None = None) -> list[PlannedRun]:
     """The runs a phase expands to: (chosen or phase) configs x (chosen or phase) seeds."""
     chosen = list(configs) if configs else list(phase.configs)
@@ -325,7 +354,7 @@ def expand(m: Matrix, phase: Phase, configs: list[str] | None = None, seeds: lis
         if c not in m.all_configs:
             raise unknown_name(f"config of matrix {m.name}", c, m.all_configs)
     chosen_seeds = list(seeds) if seeds else list(phase.seeds)
-    tokens = int(m.train["tokens"] * phase.token_fraction)
+    tokens = phase_tokens(m, phase)
     runs = []
     for config in chosen:
         for seed in chosen_seeds:

@@ -14,6 +14,18 @@ class NotFound(OpsError):
     exit_code = 2
 
 
+class TargetUnreachable(OpsError):
+    """A target (or its scheduler) did not answer, or not in time: its runs keep their last state."""
+
+
+class CannotRun(OpsError):
+    """A program could not be started on this machine (missing, not executable)."""
+
+    def __init__(self, message: str, strerror: str | None = None):
+        super().__init__(message)
+        self.strerror = strerror
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> NotFound:
     """'unknown config 'hybrid_a0.2' (did you mean hybrid_a0.2_t100k?); valid: ...'"""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.4)

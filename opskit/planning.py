@@ -77,6 +77,3 @@ def procs_per_run(target_config: dict) -> int:
         return int(target_config.get("gpus_per_run") or gpus)
     return int(target_config.get("procs_per_run") or 1)
 
-
-def pull_dest(results_dir: str, phase: str, config: str, seed: int) -> str:
-    return f"{results_dir}/raw/{phase}/{config}/seed{seed}"

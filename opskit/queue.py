@@ -1,8 +1,8 @@
 """Target queues, pure planning (docs/queue.md): which queued runs start now and on which GPUs and
 port, queue positions, and estimated start times from the running runs' ETAs.
 
-Standard library only and no other opskit import: remote/supervisor.py imports this module on the
-target, where only `python3` may exist.
+Standard library only (and opskit.states, which is too): remote/supervisor.py imports this module on
+the target, where only `python3` may exist.
 """
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from opskit import states
+
 DEFAULT_BASE_PORT = 29600  # rendezvous ports handed out from here (torchrun's own default is 29500)
 PORT_RANGE = 1000
 PORT_PLACEHOLDER = "{rdzv_port}"  # replaced in a queued command by the port the run was given
+# What the queue knows of a run it waits for, besides the run states of opskit.states.
+RUNNING = "running"  # its process lives (any live state)
+NOT_HERE = "unknown"  # no such run on this target
 
 
 def slot_count(config: dict) -> int:
@@ -57,15 +62,16 @@ class Plan:
 
 
 def dependency_state(after: list[str], run_states: dict[str, str]) -> tuple[bool, str | None]:
-    """(ready, reason) for an entry's `after` runs; run_states maps run ->
-    done|failed|cancelled|lost|running|queued|unknown."""
+    """(ready, reason) for an entry's `after` runs; run_states maps run -> an ended state of
+    opskit.states, QUEUED, RUNNING or NOT_HERE."""
     for dep in after:
-        state = run_states.get(dep, "unknown")
-        if state == "done":
+        state = run_states.get(dep, NOT_HERE)
+        if state == states.DONE:
             continue
-        if state in ("failed", "cancelled", "lost"):
-            return False, f"after {dep}, which {'was ' if state == 'cancelled' else ''}{state}: resume or rerun it, or cancel this run"
-        if state == "unknown":
+        if state in states.ENDED:
+            was = "was " if state == states.CANCELLED else ""
+            return False, f"after {dep}, which {was}{state}: resume or rerun it, or cancel this run"
+        if state == NOT_HERE:
             return False, f"after {dep}, which is not on this target"
         return False, f"after {dep} ({state})"
     return True, None
@@ -158,12 +164,27 @@ def remaining_s(eta_s: float | None, heartbeat_at: float | None, now: float) -> 
     return max(0.0, float(eta_s) - max(0.0, now - float(heartbeat_at or now)))
 
 
+def queue_fields(queue: dict | None, run: str, attempt: int) -> dict:
+    """Run-row fields of this attempt of a run from its target's queue state (agent queue-state):
+    queue_pos and why it waits, or the GPUs, start time and start error of its entry."""
+    if queue is None:
+        return {}
+    for e in queue["pending"]:
+        if e["run"] == run:
+            return {"queue_pos": e["position"], "message": e["waiting"]}
+    for e in queue["running"] + queue["finished"][::-1]:  # newest finished first
+        if e["run"] == run and e.get("attempt", attempt) == attempt:
+            return {"queue_pos": None, "gpus": e.get("cuda_visible_devices"), "started_at": e.get("started_at"),
+                    "start_error": e.get("error")}
+    return {"queue_pos": None}
+
+
 def durations_by_phase(rows: list[dict], now: float) -> dict[str, float]:
     """Expected wall time of a run per phase: mean of finished runs, else of running ones (elapsed + ETA)."""
     done: dict[str, list[float]] = {}
     live: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("started_at") and r.get("ended_at") and r.get("state") == "done":
+        if r.get("started_at") and r.get("ended_at") and r.get("state") == states.DONE:
             done.setdefault(r["phase"], []).append(r["ended_at"] - r["started_at"])
         elif r.get("started_at") and r.get("eta_s") is not None and not r.get("ended_at"):
             live.setdefault(r["phase"], []).append(now - r["started_at"] + float(r["eta_s"]))

@@ -1,12 +1,16 @@
-"""The run state machine (docs/states.md): a pure function of what a target observed.
+"""The run state machine (docs/states.md), the only one, on the laptop and on the box.
 
-A state is derived from the trainer's heartbeat (status.json), whether the process is alive and
-its exit code; never guessed from log text.
+`derive_state` turns what a target observed of a run (the trainer's heartbeat, whether its process
+lives, its exit code; never log text) into a state; `next_state` applies it to the store's row of the
+run (launch-side states, ended attempts, requeues). Pure and standard library only: the target's
+queue supervisor (remote/supervisor.py) imports it too.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from train import contract as C
 from train.contract import EXIT_OK
 
 # Launch-side states (written by opskit) and derived states.
@@ -20,8 +24,8 @@ ENDED = frozenset({DONE, FAILED, LOST, CANCELLED})
 ACTIVE = frozenset({PREPARING, SYNCING, STARTING, TOKENIZING, TRAINING, EVALUATING, STALLED})
 NOT_HANDED = frozenset({QUEUED, PREPARING, SYNCING})  # launch-side states: the target has no process yet
 # Trainer heartbeat states that map one to one.
-_LIVE_FROM_HEARTBEAT = {"starting": STARTING, "tokenizing": TOKENIZING, "training": TRAINING,
-                        "evaluating": EVALUATING}
+_LIVE_FROM_HEARTBEAT = {C.HB_STARTING: STARTING, C.HB_TOKENIZING: TOKENIZING, C.HB_TRAINING: TRAINING,
+                        C.HB_EVALUATING: EVALUATING}
 
 # A scheduler's verdict on an ended job, for what the run directory cannot tell (docs/targets-slurm.md).
 SCHEDULER_ENDED = {"CANCELLED": CANCELLED, "TIMEOUT": FAILED, "OUT_OF_MEMORY": FAILED, "DEADLINE": FAILED,
@@ -46,6 +50,13 @@ class Observation:
     log_tail: str | None = None
 
 
+def observed(facts: dict, now: float) -> Observation:
+    """The Observation of one run from its run-directory facts (remote/processes.py run_facts, as
+    `agent.py observe` reports them)."""
+    return Observation(status=facts["status"], exit_code=facts["exit_code"], alive=facts["alive"], now=now,
+                       started=facts["started"])
+
+
 def report_interval_s(status: dict | None, log_every: int | None) -> float | None:
     """Seconds between the trainer's progress reports (one per `log_every` steps) at its current pace."""
     hb = status or {}
@@ -63,17 +74,17 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
     hb_state = hb.get("state")
     tail = f"; log: {obs.log_tail}" if obs.log_tail else ""
     forced = SCHEDULER_ENDED.get(obs.scheduler_state or "")
-    if forced and not (obs.exit_code == EXIT_OK and hb_state == "done"):
+    if forced and not (obs.exit_code == EXIT_OK and hb_state == C.HB_DONE):
         ckpt = f" (checkpoint at step {hb['checkpoint_step']})" if hb.get("checkpoint_step") is not None else ""
         return forced, f"SLURM {obs.scheduler_state}{ckpt}" + (tail if forced == FAILED else "")
     if obs.exit_code is not None:
-        if obs.exit_code == EXIT_OK and hb_state == "done":
+        if obs.exit_code == EXIT_OK and hb_state == C.HB_DONE:
             return DONE, "exit code 0"
         if obs.exit_code == EXIT_OK:
             return FAILED, f"exit code 0 but heartbeat says {hb_state!r}"
-        if hb_state == "interrupted":
+        if hb_state == C.HB_INTERRUPTED:
             return CANCELLED, f"stopped by signal after checkpoint at step {hb.get('checkpoint_step')}"
-        detail = f": {hb['message']}" if hb_state == "failed" and hb.get("message") else ""
+        detail = f": {hb['message']}" if hb_state == C.HB_FAILED and hb.get("message") else ""
         return FAILED, f"exit code {obs.exit_code}{detail}{tail}"
     if not obs.started:
         if obs.scheduler_state:
@@ -88,13 +99,50 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
         return STALLED, f"alive, heartbeat {age:.0f}s old"
     quiet = obs.now - float(hb.get("progress_at") or obs.now)
     allowed = max(stall_after_s, 3 * (report_interval_s(hb, log_every) or 0))
-    if hb_state == "training" and quiet > allowed:  # the beat goes on but no step is reported
+    if hb_state == C.HB_TRAINING and quiet > allowed:  # the beat goes on but no step is reported
         return STALLED, f"alive, no training progress for {quiet:.0f}s"
     state = _LIVE_FROM_HEARTBEAT.get(hb_state)
     if state:
         return state, "heartbeat"
     # done/interrupted/failed written but the process has not exited yet: still finishing up
-    return (EVALUATING if hb_state == "done" else STARTING), f"heartbeat {hb_state}, process exiting"
+    return (EVALUATING if hb_state == C.HB_DONE else STARTING), f"heartbeat {hb_state}, process exiting"
+
+
+def next_state(row: dict, obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
+               queue_fields: dict | None = None, now: float | None = None) -> tuple[str, str | None, dict]:
+    """(state, reason, fields) for the store's `row` of a run after its target observed `obs`.
+
+    `queue_fields`: what the target's queue says of this attempt (opskit.queue.queue_fields), with
+    `start_error` when its supervisor could not start it. On top of `derive_state`:
+    a heartbeat of another attempt says nothing of this one; a run launch has not handed over yet
+    keeps its launch-side state; a queue start error fails the run; an ended attempt stays ended
+    until a new one starts (resume, rerun, a scheduler's requeue, which counts as an attempt).
+    The reason is None when the state is kept as it was."""
+    now = obs.now if now is None else now
+    spec = row.get("spec") or {}
+    hb_attempt = (obs.status or {}).get("attempt")
+    if spec and hb_attempt is not None and hb_attempt != spec["attempt"]:
+        obs = dataclasses.replace(obs, status=None)
+    fields = dict(queue_fields or {})
+    start_error = fields.pop("start_error", None)
+    state, reason = derive_state(obs, stall_after_s, spec.get("log_every"))
+    if row["state"] in NOT_HANDED and not obs.started:
+        state = row["state"]
+    if start_error and not obs.started:
+        state, reason = FAILED, f"the target's queue could not start it: {start_error}"
+    requeued = bool(spec) and spec["attempt"] + obs.restarts > row["attempt"]
+    if row["state"] in ENDED and state not in ENDED and not requeued:
+        state, reason = row["state"], None
+    fields.update(progress_fields(obs.status), stale=0, exit_code=obs.exit_code)
+    if not obs.started:
+        fields.pop("started_at", None)
+    elif not row.get("started_at") and not fields.get("started_at"):
+        fields["started_at"] = now
+    if state in ENDED and row["state"] not in ENDED:
+        fields["ended_at"] = now
+    if obs.restarts and spec:
+        fields["attempt"] = spec["attempt"] + obs.restarts
+    return state, reason, fields
 
 
 def progress_fields(status: dict | None) -> dict:

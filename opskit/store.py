@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import sqlite_utils
 
 from opskit.errors import OpsError, unknown_name
+from opskit.states import ALL_STATES
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -151,6 +152,7 @@ class Store:
 
     def upsert_run(self, row: dict, reason: str) -> None:
         """Create a run (or replace it for a rerun/new attempt) and log the event."""
+        _check_state(row["state"])
         now = time.time()
         with self.transaction():
             old = self.get_run(row["name"])
@@ -163,6 +165,8 @@ class Store:
 
     def update_run(self, name: str, reason: str | None = None, **fields: Any) -> None:
         """Update fields; a change of `state` is logged as an event (with `reason`)."""
+        if "state" in fields:
+            _check_state(fields["state"])
         now = time.time()
         with self.transaction():
             old = self.get_run(name)
@@ -209,6 +213,11 @@ class Store:
         rows = list(self.db["gates"].rows_where("matrix = ? AND phase = ?", [matrix, phase],
                                                 order_by="id desc", limit=1))
         return json.loads(rows[0]["decision"]) if rows else None
+
+
+def _check_state(state: str) -> None:
+    if state not in ALL_STATES:  # a bug, not a user error: only opskit.states' constants are states
+        raise ValueError(f"unknown run state {state!r}; states are {', '.join(ALL_STATES)}")
 
 
 def _target_row(row: dict) -> dict:

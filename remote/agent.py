@@ -13,7 +13,7 @@ Each command prints one JSON document on stdout.
     agent.py write   --workdir W --path REL          (stdin -> file, atomically)
     agent.py reset   --workdir W --run R             (move a finished run's directory to trash/)
 
-Queue operations (the queue itself lives in remote/supervisor.py, docs/queue.md):
+Queue operations (the queue's files: remote/queue_dir.py; its supervisor: remote/supervisor.py):
 
     agent.py enqueue --workdir W                     (stdin: {"entry": {...}, "config": {...}})
     agent.py dequeue --workdir W --run R             (remove a run that has not started)
@@ -29,120 +29,37 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from remote import processes  # noqa: E402  (standard library only)
 from train import contract as C  # noqa: E402  (pure Python)
-
-DETACH = Path(__file__).resolve().parent / "detach.sh"
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """Kernel start time of a pid (field 22 of /proc/PID/stat), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _pid_alive(run_dir: Path) -> bool:
-    try:
-        pid_s, start = (run_dir / C.PID).read_text().split()
-    except (OSError, ValueError):
-        return False
-    current = _proc_start_time(int(pid_s))
-    if current is None or current != start:
-        return False
-    state = Path(f"/proc/{pid_s}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"
 
 
 def start(workdir: str, run: str, cmd: list[str], env: dict[str, str]) -> dict:
-    run_dir = C.run_dir(workdir, run)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if _pid_alive(run_dir):
-        raise SystemExit(json.dumps({"error": f"run {run} is already running on this target"}))
-    (run_dir / C.EXIT_CODE).unlink(missing_ok=True)  # a previous attempt's must not end this one
-    full_env = {**os.environ, **env}
-    with open(os.devnull, "rb") as null_in, open(run_dir / C.LOG, "ab") as log:
-        proc = subprocess.Popen(["bash", str(DETACH), str(run_dir), *cmd], stdin=null_in, stdout=log,
-                                stderr=log, env=full_env, start_new_session=True, close_fds=True)
-    start_time = None
-    for _ in range(50):  # /proc entry appears at once; loop guards against a slow fork
-        start_time = _proc_start_time(proc.pid)
-        if start_time:
-            break
-        time.sleep(0.01)
-    C.atomic_write_text(run_dir / C.PID, f"{proc.pid} {start_time}\n")
-    return {"pid": proc.pid}
+    try:
+        return {"pid": processes.start_detached(workdir, run, cmd, env)}
+    except processes.AlreadyRunning as e:
+        raise SystemExit(json.dumps({"error": str(e)})) from None
 
 
 def observe(workdir: str, runs: list[str]) -> dict:
-    out = {}
-    for run in runs:
-        run_dir = C.run_dir(workdir, run)
-        exit_code = None
-        try:
-            exit_code = int((run_dir / C.EXIT_CODE).read_text().strip())
-        except (OSError, ValueError):
-            pass
-        try:
-            status = C.read_json(run_dir / C.STATUS)
-        except ValueError:  # a writer that does not follow the contract; report it as missing
-            status = None
-        out[run] = {"status": status, "exit_code": exit_code, "alive": _pid_alive(run_dir),
-                    "started": (run_dir / C.PID).exists(), "exists": run_dir.exists()}
-    return {"now": time.time(), "runs": out}
+    return {"now": time.time(), "runs": {run: processes.run_facts(C.run_dir(workdir, run)) for run in runs}}
 
 
 def send_signal(workdir: str, run: str, sig: str) -> dict:
     run_dir = C.run_dir(workdir, run)
-    if not _pid_alive(run_dir):
+    recorded = C.read_pid(run_dir)
+    if recorded is None or not processes.pid_alive(run_dir):
         return {"signalled": False, "reason": "not running"}
-    pid = int((run_dir / C.PID).read_text().split()[0])
+    pid = recorded[0]
     if sig == "KILL":  # nothing can forward it: kill every process of the run ourselves
-        _kill_tree(pid)
+        processes.kill_tree(pid)
     else:  # the launcher forwards it to the trainer, which checkpoints first
         os.kill(pid, getattr(signal, f"SIG{sig}"))
     return {"signalled": True, "pid": pid}
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children, ...), from the parent pids in /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = [], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        out += frontier
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL `pid`, its process group and every descendant. torchrun starts each worker in a session
-    of its own, so the launcher's group alone would leave the workers running (and holding GPUs). All
-    are stopped first, so that no launcher sees a worker die and starts another."""
-    tree = [pid, *descendants(pid)]
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for p in tree:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
@@ -168,7 +85,7 @@ def tail(workdir: str, run: str, lines: int, follow: bool) -> None:
             if chunk:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
-            elif (run_dir / C.EXIT_CODE).exists() and not _pid_alive(run_dir):
+            elif (run_dir / C.EXIT_CODE).exists() and not processes.pid_alive(run_dir):
                 return
             else:
                 time.sleep(0.5)
@@ -209,7 +126,7 @@ def write(workdir: str, rel: str) -> dict:
 def reset(workdir: str, run: str) -> dict:
     """Move a run's directory aside (a rerun starts from scratch; nothing is deleted)."""
     run_dir = C.run_dir(workdir, run)
-    if _pid_alive(run_dir):
+    if processes.pid_alive(run_dir):
         raise SystemExit(json.dumps({"error": f"run {run} is still running"}))
     if not run_dir.exists():
         return {"moved_to": None}
@@ -223,7 +140,7 @@ QUEUE_OPS = ("enqueue", "dequeue", "queue-move", "queue-state", "ensure-supervis
 
 
 def queue_op(a: argparse.Namespace) -> dict:
-    from remote import supervisor as S  # imports this module; loaded only for queue operations
+    from remote import queue_dir as S  # loaded only for queue operations
     try:
         if a.op == "enqueue":
             request = json.loads(sys.stdin.read())

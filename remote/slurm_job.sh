@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two halves of a SLURM run's job (the sbatch script comes from opskit/slurm_script.py):
+# The two halves of a SLURM run's job (the sbatch script comes from opskit/targets/slurm/script.py):
 #
 #   slurm_job.sh node RUN_DIR CMD...   one srun task per node: run the trainer's torchrun. Node 0
 #                                      appends its output to RUN_DIR/run.log, others to slurm/node<N>.log.
@@ -10,29 +10,32 @@
 # Signals: SLURM sends USR1 (--signal, before the time limit; `opskit cancel`) to every process of the
 # step. The trainer checkpoints on it and exits 75; torchrun starts with USR1 ignored so that it
 # outlives the signal and reports its workers' exit. TERM (scancel, requeue) reaches everyone too.
+# The run-directory contract's names (train/contract.py, opskit/targets/slurm/script.py;
+# tests/test_structure.py keeps them equal):
+LOG=run.log EXIT_CODE=exit_code STATUS=status.json HB_INTERRUPTED=interrupted SLURM_DIR=slurm CANCEL_MARKER=cancel
 mode=$1 run_dir=$2; shift 2
 cd "$run_dir" || exit 97
 
 if [ "$mode" = finish ]; then
   rc=$1
   cancelled=no  # opskit cancel writes this job's id to slurm/cancel before it signals
-  [ "$(cat slurm/cancel 2>/dev/null)" = "$SLURM_JOB_ID" ] && cancelled=yes
-  if grep -qs '"state": *"interrupted"' status.json && [ $cancelled = no ]; then
-    echo "=== opskit: trainer stopped by a signal; requeueing SLURM job $SLURM_JOB_ID to resume it" >> run.log
+  [ "$(cat $SLURM_DIR/$CANCEL_MARKER 2>/dev/null)" = "$SLURM_JOB_ID" ] && cancelled=yes
+  if grep -qs "\"state\": *\"$HB_INTERRUPTED\"" $STATUS && [ $cancelled = no ]; then
+    echo "=== opskit: trainer stopped by a signal; requeueing SLURM job $SLURM_JOB_ID to resume it" >> $LOG
     scontrol requeue "$SLURM_JOB_ID" && exit 0
-    echo "=== opskit: requeue refused (SLURM is already requeueing or ending the job)" >> run.log
+    echo "=== opskit: requeue refused (SLURM is already requeueing or ending the job)" >> $LOG
   fi
-  echo "$rc" > .exit_code.tmp && mv .exit_code.tmp exit_code
+  echo "$rc" > .$EXIT_CODE.tmp && mv .$EXIT_CODE.tmp $EXIT_CODE
   if [ $cancelled = yes ]; then scancel "$SLURM_JOB_ID"; fi  # SLURM records the job as cancelled too
   exit "$rc"
 fi
 
 node=${SLURM_NODEID:-0}
-log=run.log
+log=$LOG
 if [ "$node" = 0 ]; then
-  rm -f exit_code  # a previous incarnation's must not end this one
+  rm -f $EXIT_CODE  # a previous incarnation's must not end this one
 else
-  log=slurm/node$node.log
+  log=$SLURM_DIR/node$node.log
 fi
 args=()
 for a in "$@"; do args+=("${a//\{rdzv\}/$OPSKIT_RDZV}"); done

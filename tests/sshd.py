@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from remote.agent import descendants  # noqa: E402  (standard library only)
+from remote.processes import descendants  # noqa: E402  (standard library only)
 
 SSHD = "/usr/sbin/sshd"
 TEST_USER = "opskit-test"

@@ -113,3 +113,19 @@ def test_downstream_phase_waits_for_the_run_it_evaluates(tmp_path):
     assert plan[0]["spec"]["downstream"]["tasks"] == ["opskit_demo_recall"]
     store.update_run("demo/geo_500k/s42", state="done")  # a finished source is nothing to wait for
     assert operations.launch(store, "demo_p2", configs=["geo_500k"], dry_run=True)[0]["after"] == []
+
+
+def test_a_bad_spec_fails_on_the_laptop_with_the_field_named(tmp_path):
+    """The catalog checks types; the trainer's own schema (train/spec.py) checks the rest, here, before
+    any target is touched: nothing is recorded and no workdir is made."""
+    from opskit import operations
+    demo = (catalog.CONFIG_DIR / "demo.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(demo.replace("name: demo", "name: demo_bad", 1).replace("lr: 3.0e-3", "lr: -3.0e-3", 1))
+    assert "lr: -3.0e-3" in bad.read_text()
+    store = Store(tmp_path / "state.db")
+    for dry_run in (True, False):
+        with pytest.raises(OpsError, match=r"demo/\S+/s42: spec field 'lr' must be > 0, got -0.003"):
+            operations.launch(store, "demo", matrix=str(bad), dry_run=dry_run)
+    assert store.list_runs() == []
+    assert not (tmp_path / ".opskit").exists()

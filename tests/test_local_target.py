@@ -160,7 +160,7 @@ def test_kill_reaches_torchrun_workers_in_their_own_sessions(tmp_path):
     while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not [w for w in workers if Path(f"/proc/{w}").exists()], "workers outlived KILL"
-    assert not box.observe([run])[run].alive
+    assert not box.observe([run])[0][run].alive
 
 
 def test_unknown_names_are_clear_errors(cli):

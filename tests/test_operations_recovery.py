@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from opskit import operations, states
+from opskit import queue as Q
 from opskit.errors import OpsError
 from opskit.store import Store
-from remote.agent import _proc_start_time
+from remote.processes import proc_start_time
 from train import contract as C
 
 RUN = "demo/geo_500k/s42"
@@ -99,7 +100,7 @@ def live_process():
 def write_run_dir(store: Store, pid: int, status: dict) -> Path:
     run_dir = Path(operations.get_target(store, "local").run_dir(RUN))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / C.PID).write_text(f"{pid} {_proc_start_time(pid)}\n")
+    (run_dir / C.PID).write_text(f"{pid} {proc_start_time(pid)}\n")
     C.atomic_write_json(run_dir / C.STATUS, status)
     return run_dir
 
@@ -177,8 +178,8 @@ def test_queue_fields_come_from_this_attempt():
     queue = {"pending": [], "running": [],
              "finished": [{"run": RUN, "attempt": 1, "cuda_visible_devices": "0", "started_at": 10.0},
                           {"run": RUN, "attempt": 2, "cuda_visible_devices": "1", "started_at": 20.0}]}
-    assert operations._queue_fields(queue, RUN, 2)["started_at"] == 20.0
-    assert operations._queue_fields(queue, RUN, 1)["gpus"] == "0"
+    assert Q.queue_fields(queue, RUN, 2)["started_at"] == 20.0
+    assert Q.queue_fields(queue, RUN, 1)["gpus"] == "0"
 
 
 def test_a_run_its_queue_could_not_start_shows_failed_and_the_queue_goes_on(store):

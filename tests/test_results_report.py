@@ -135,6 +135,6 @@ def test_store_runs_never_pulled_are_listed(tmp_path):
     shutil.copytree(FIXTURES / "raw", tmp_path / "raw")
     store = Store(tmp_path / "state.db")
     store.upsert_run({"name": "fx/geo_500k/s7", "phase": "fx", "config": "geo_500k", "seed": 7,
-                      "target": "local", "state": "running"}, reason="test")
+                      "target": "local", "state": "training"}, reason="test")
     out = make_report(tmp_path, "fx", store, CONFIGS)
-    assert {r.name: r.state for r in out.report.not_done}["fx/geo_500k/s7"] == "running"
+    assert {r.name: r.state for r in out.report.not_done}["fx/geo_500k/s7"] == "training"

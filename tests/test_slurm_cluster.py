@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import slurm_cluster  # noqa: E402
 
 from opskit import operations, states  # noqa: E402
-from opskit.slurm_client import SlurmClient  # noqa: E402
+from opskit.targets.slurm.client import SlurmClient  # noqa: E402
 from opskit.store import Store  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(slurm_cluster.skip_reason() is not None, reason=str(slurm_cluster.skip_reason())),
@@ -126,7 +126,7 @@ def test_login_node_over_ssh(tmp_path, cluster):
             "login": server.ssh_spec(), "key": str(server.key), "known_hosts": str(server.known_hosts),
             "workdir": str(tmp_path / "shared"), "slurm_conf": str(cluster.conf), "python": sys.executable})
         tgt = operations.get_target(s, "hpc-login")
-        assert tgt.client.login is not None and tgt.code_dir == f"{tmp_path}/shared/code"
+        assert not tgt.client.shell.local and tgt.client.shell is tgt.shell and tgt.code_dir == f"{tmp_path}/shared/code"
         tgt.sync()
         run = "t/login/s1"
         s.upsert_run({"name": run, "phase": "t", "config": "login", "seed": 1, "target": "hpc-login", "attempt": 1,

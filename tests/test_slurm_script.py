@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from opskit import planning, slurm_script as S, states
+from opskit import planning, states
+from opskit.targets.slurm import script as S
 from opskit.errors import OpsError
 from opskit.targets.slurm import SlurmTarget
 
@@ -26,7 +27,7 @@ def script_for(nodes: int, gpus_per_node: int, p2: bool = False, **extra) -> str
     spec = f"{tgt.run_dir(RUN)}/spec.json"
     command = (planning.downstream_command(tgt.python, spec) if p2
                else planning.trainer_command(tgt.python, planning.procs_per_run(tgt.config), spec))
-    return tgt.dry_run_script(RUN, command, attempt=1)
+    return tgt.plan(RUN, command, attempt=1)["sbatch"]
 
 
 @pytest.mark.parametrize("nodes,gpus,p2,golden", [(1, 2, False, "sbatch_1x2.sh"), (2, 8, False, "sbatch_2x8.sh"),

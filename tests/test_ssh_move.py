@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd  # noqa: E402
 
-from opskit import rsync  # noqa: E402
+from opskit.transport import rsync  # noqa: E402
 from opskit.errors import OpsError  # noqa: E402
 from opskit.targets.local import LocalTarget  # noqa: E402
 from opskit.targets.ssh import SSHTarget  # noqa: E402

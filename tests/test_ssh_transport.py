@@ -13,9 +13,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd  # noqa: E402
 
-from opskit import operations, ssh_connection  # noqa: E402
+from opskit import operations  # noqa: E402
+from opskit.transport import ssh as ssh_connection  # noqa: E402
 from opskit.errors import OpsError  # noqa: E402
-from opskit.ssh_connection import Address  # noqa: E402
+from opskit.transport.ssh import Address  # noqa: E402
 from opskit.store import Store  # noqa: E402
 from opskit.targets import TargetUnreachable  # noqa: E402
 from opskit.targets.ssh import SSHTarget, parse_ssh  # noqa: E402
@@ -154,7 +155,7 @@ def test_start_observe_signal_manifest_fetch(synced_box, tmp_path):
     box, run = synced_box, "t/sleeper/s1"
     started = box.start(run, ["bash", "-c", "echo hello; exec sleep 30"], attempt=1)
     assert started["pid"] > 0
-    obs = box.observe([run])[run]
+    obs = box.observe([run])[0][run]
     assert obs.alive and obs.started and obs.exit_code is None
     run_dir = Path(box.run_dir(run))
     (run_dir / "results.json").write_text('{"ppl": {}}\n')
@@ -164,7 +165,7 @@ def test_start_observe_signal_manifest_fetch(synced_box, tmp_path):
     (run_dir / "ckpt" / "step_50" / "shard.distcp").write_bytes(b"\0" * 4096)
     assert box.signal(run, "TERM")["signalled"]
     deadline = time.monotonic() + 10
-    while (obs := box.observe([run])[run]).exit_code is None and time.monotonic() < deadline:
+    while (obs := box.observe([run])[0][run]).exit_code is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert obs.exit_code == 143 and not obs.alive
     names = sorted(f["path"] for f in box.manifest(run))
@@ -213,9 +214,9 @@ def test_non_root_user_with_home_workdir(server, store):
     run = "t/as-user/s1"
     box.start(run, ["bash", "-c", "id -un"], attempt=1)
     deadline = time.monotonic() + 10
-    while box.observe([run])[run].exit_code is None and time.monotonic() < deadline:
+    while box.observe([run])[0][run].exit_code is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert box.observe([run])[run].exit_code == 0
+    assert box.observe([run])[0][run].exit_code == 0
     assert sshd.TEST_USER in next(iter(box.logs(run)))
 
 

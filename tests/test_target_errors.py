@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from opskit import rsync
+from opskit.transport import rsync
 from opskit.errors import OpsError
-from opskit.slurm_client import SlurmClient
+from opskit.targets.slurm.client import SlurmClient
 from opskit.targets import TargetUnreachable
-from opskit.targets import local as local_mod
+from opskit.targets import base as target_base
 from opskit.targets.local import LocalTarget
 from opskit.targets.slurm import SlurmTarget
 from train import contract as C
@@ -76,7 +76,7 @@ def test_prepare_with_a_python_that_hangs_times_out(tmp_path, monkeypatch):
     slow = tmp_path / "python"
     slow.write_text("#!/bin/sh\nsleep 10\n")
     slow.chmod(0o755)
-    monkeypatch.setattr(local_mod, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(target_base, "PROBE_TIMEOUT_S", 0.5)
     box = LocalTarget("local", {"workdir": str(tmp_path), "python": str(slow)})
     with pytest.raises(OpsError, match=r"^target local: .*/python took over 0.5s to import"):
         box.prepare()

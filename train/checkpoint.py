@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -19,14 +18,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from train.contract import CKPT_COMPLETE_MARKER, atomic_write_json
+from train.contract import CKPT_COMPLETE_MARKER, atomic_write_json, ckpt_step_name, parse_ckpt_step
 
 META = "meta.json"
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step}"
+    return Path(ckpt_dir) / ckpt_step_name(step)
 
 
 def complete_steps(ckpt_dir: str | os.PathLike) -> list[int]:
@@ -36,9 +34,9 @@ def complete_steps(ckpt_dir: str | os.PathLike) -> list[int]:
         return []
     steps = []
     for d in ckpt_dir.iterdir():
-        m = _STEP_DIR.fullmatch(d.name)
-        if m and (d / CKPT_COMPLETE_MARKER).exists():
-            steps.append(int(m.group(1)))
+        step = parse_ckpt_step(d.name)
+        if step is not None and (d / CKPT_COMPLETE_MARKER).exists():
+            steps.append(step)
     return sorted(steps)
 
 
@@ -61,7 +59,7 @@ def remove_partial(ckpt_dir: str | os.PathLike) -> None:
     if not ckpt_dir.is_dir():
         return
     for d in ckpt_dir.iterdir():
-        if d.name.startswith(".tmp_") or (_STEP_DIR.fullmatch(d.name) and not (d / CKPT_COMPLETE_MARKER).exists()):
+        if d.name.startswith(".tmp_") or (parse_ckpt_step(d.name) is not None and not (d / CKPT_COMPLETE_MARKER).exists()):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -94,7 +92,7 @@ def save(ckpt_dir: str | os.PathLike, step: int, model, optimizer, meta: dict, k
     `meta` (JSON) must hold what resuming needs besides the tensors: at least the step and tokens.
     """
     ckpt_dir = Path(ckpt_dir)
-    final, tmp = step_dir(ckpt_dir, step), ckpt_dir / f".tmp_step_{step}"
+    final, tmp = step_dir(ckpt_dir, step), ckpt_dir / f".tmp_{ckpt_step_name(step)}"
     rank = dist.get_rank()
     if (final / CKPT_COMPLETE_MARKER).exists():  # e.g. signalled right after resuming from it
         return final

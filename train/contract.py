@@ -27,11 +27,17 @@ PULLABLE = (RESULTS, LOSS_CURVE, EVAL_PER_LENGTH, LOG, STATUS, SPEC, DOWNSTREAM,
 PULLABLE_SUFFIXES = (".png", ".txt", ".csv")
 
 # Trainer phases written to status.json["state"].
-TRAINER_STATES = ("starting", "tokenizing", "training", "evaluating", "done", "interrupted", "failed")
+HB_STARTING, HB_TOKENIZING, HB_TRAINING, HB_EVALUATING = "starting", "tokenizing", "training", "evaluating"
+HB_DONE, HB_INTERRUPTED, HB_FAILED = "done", "interrupted", "failed"
+TRAINER_STATES = (HB_STARTING, HB_TOKENIZING, HB_TRAINING, HB_EVALUATING, HB_DONE, HB_INTERRUPTED, HB_FAILED)
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
 EXIT_INTERRUPTED = 75  # signalled, checkpoint saved; resume continues the run
+
+RUNS_DIR = "runs"
+CKPT_STEP_PREFIX = "step_"
 
 # How long torchrun waits, after forwarding SIGTERM, for its workers to checkpoint and exit before it
 # SIGKILLs them (torch's default, 30 s, is shorter than a large model's checkpoint). Given to every run
@@ -41,8 +47,80 @@ SIGNAL_GRACE_S = 300
 HEARTBEAT_MAX_INTERVAL_S = 30.0
 
 
+# ------------------------------------------------------------------ run names and directories
+
+
+def run_name(phase: str, config: str, seed: int) -> str:
+    """`<phase>/<config>/s<seed>`, e.g. demo/geo_500k/s42."""
+    return f"{phase}/{config}/s{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, str, int]:
+    """(phase, config, seed) of a run name; ValueError naming the expected form otherwise."""
+    parts = name.strip("/").split("/")
+    if len(parts) != 3 or not all(parts) or not parts[2].startswith("s") or not parts[2][1:].isdigit():
+        raise ValueError(f"bad run name '{name}': expected <phase>/<config>/s<seed>, e.g. demo/geo_500k/s42")
+    return parts[0], parts[1], int(parts[2][1:])
+
+
+def run_rel(run: str, *names: str) -> str:
+    """A path inside a run's directory, relative to the workdir: `runs/<run>/<names...>`."""
+    return "/".join((RUNS_DIR, run, *names))
+
+
 def run_dir(workdir: str | os.PathLike, run: str) -> Path:
-    return Path(workdir) / "runs" / run
+    return Path(workdir) / RUNS_DIR / run
+
+
+def workdir_of(run_directory: str | os.PathLike, run: str) -> Path:
+    """The workdir holding `run_directory` (the inverse of run_dir)."""
+    path = Path(run_directory)
+    depth = len(Path(run_rel(run)).parts)
+    if path.parts[-depth:] != Path(run_rel(run)).parts:
+        raise ValueError(f"{path} is not the directory of run {run} (expected .../{run_rel(run)})")
+    return path.parents[depth - 1]
+
+
+# ------------------------------------------------------------------ files the launcher writes
+
+
+def write_pid(run_directory: str | os.PathLike, pid: int, start_time: str | None) -> None:
+    """`pid`: "<pid> <kernel start time>" of the detached process group leader."""
+    atomic_write_text(Path(run_directory) / PID, f"{pid} {start_time}\n")
+
+
+def read_pid(run_directory: str | os.PathLike) -> tuple[int, str] | None:
+    """(pid, kernel start time) from the pid file, or None when absent or unreadable."""
+    try:
+        pid, start = (Path(run_directory) / PID).read_text().split()
+        return int(pid), start
+    except (OSError, ValueError):
+        return None
+
+
+def read_exit_code(run_directory: str | os.PathLike) -> int | None:
+    """The last attempt's exit status, or None while it runs (or when it never wrote one)."""
+    try:
+        return int((Path(run_directory) / EXIT_CODE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def ckpt_step_name(step: int) -> str:
+    """The directory name of the checkpoint at `step`: step_<N>."""
+    return f"{CKPT_STEP_PREFIX}{step}"
+
+
+def parse_ckpt_step(name: str) -> int | None:
+    """N of a `step_<N>` directory name, None for anything else (a `.tmp_step_<N>`, say)."""
+    rest = name[len(CKPT_STEP_PREFIX):] if name.startswith(CKPT_STEP_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+# ------------------------------------------------------------------ writing and reading files
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

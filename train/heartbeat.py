@@ -14,8 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from train.contract import (HEARTBEAT_MAX_INTERVAL_S, LOSS_CURVE, STATUS, TRAINER_STATES, atomic_write_json,
-                            atomic_write_text)
+from train.contract import (HB_STARTING, HEARTBEAT_MAX_INTERVAL_S, LOSS_CURVE, STATUS, TRAINER_STATES,
+                            atomic_write_json, atomic_write_text)
 
 # Refresh interval; well under the contract's maximum so a slow disk never makes a run look dead.
 # Tests shorten it with OPSKIT_HEARTBEAT_S.
@@ -29,7 +29,7 @@ STATUS_FIELDS = (
 
 def initial_status(attempt: int) -> dict:
     status = dict.fromkeys(STATUS_FIELDS)
-    status.update(state="starting", attempt=attempt, pid=os.getpid(), step=0, tokens=0, message="")
+    status.update(state=HB_STARTING, attempt=attempt, pid=os.getpid(), step=0, tokens=0, message="")
     return status
 
 

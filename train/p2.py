@@ -22,12 +22,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.contract import (DOWNSTREAM, EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_OK, PASSKEY, atomic_write_json,
-                            read_json)
+from train import contract as C
+from train.contract import (DOWNSTREAM, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, PASSKEY,
+                            atomic_write_json, read_json)
 from train.spec import SpecError
 
 HF_SUBDIR = "hf"
-EXIT_FAILED = 1
 REQUIRED = ("run", "phase", "config", "seed", "attempt", "preset", "rope", "tokenizer", "cache_dir", "out_dir")
 
 
@@ -49,13 +49,16 @@ class P2Spec:
 
 def source_dir_of(spec: dict, ds: dict) -> Path:
     """The evaluated run's directory: explicit, by run name, or the same config/seed of phase `after`."""
-    workdir = Path(spec["out_dir"]).parents[3]  # <workdir>/runs/<phase>/<config>/s<seed>
     if ds.get("source_run_dir"):
         return Path(ds["source_run_dir"])
+    try:
+        workdir = C.workdir_of(spec["out_dir"], spec["run"])
+    except ValueError as e:
+        raise SpecError(f"spec field 'out_dir': {e}") from None
     if ds.get("source_run"):
-        return workdir / "runs" / ds["source_run"]
+        return C.run_dir(workdir, ds["source_run"])
     if ds.get("after"):
-        return workdir / "runs" / ds["after"] / spec["config"] / f"s{spec['seed']}"
+        return C.run_dir(workdir, C.run_name(ds["after"], spec["config"], spec["seed"]))
     raise SpecError("spec field 'downstream' must name the evaluated run: source_run_dir, source_run or after")
 
 
@@ -102,7 +105,7 @@ def export_once(p: P2Spec, heartbeat) -> Path:
     hf_dir = p.out_dir / HF_SUBDIR
     newest = find_checkpoint(p.source_dir)
     done = read_json(hf_dir / ROPE_FILE) or {}
-    if done.get("step") is not None and newest.name == f"step_{done['step']}":
+    if done.get("step") is not None and newest.name == C.ckpt_step_name(done['step']):
         log(f"export: {hf_dir} already holds {newest.name}")
         return hf_dir
     heartbeat.update(message=f"exporting {p.source_dir.name} {newest.name} to HF")
@@ -121,7 +124,7 @@ def run(p: P2Spec, heartbeat) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = p.dtype == "bf16" or (p.dtype == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    heartbeat.update(state="evaluating", message=f"evaluating {p.source_dir}")
+    heartbeat.update(state=C.HB_EVALUATING, message=f"evaluating {p.source_dir}")
     hf_dir = export_once(p, heartbeat)
     record = {"source_run_dir": str(p.source_dir), "run": p.run, "tasks": {}}
     if p.tasks:
@@ -160,7 +163,7 @@ def run(p: P2Spec, heartbeat) -> int:
         atomic_write_json(p.out_dir / DOWNSTREAM, record)
     elif not p.tasks:
         atomic_write_json(p.out_dir / DOWNSTREAM, record)  # the run's marker of a finished p2 job
-    heartbeat.update(state="done", message="done")
+    heartbeat.update(state=C.HB_DONE, message="done")
     log("phase done")
     return EXIT_OK
 
@@ -194,16 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         code = run(p, heartbeat)
     except (DownstreamError, ExportError, PasskeyError, LongBenchError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        heartbeat.update(state="failed", message=str(e).splitlines()[0])
+        heartbeat.update(state=C.HB_FAILED, message=str(e).splitlines()[0])
         code = EXIT_FAILED
     except Interrupted as e:
-        heartbeat.update(state="interrupted", message=f"{e.args[0]}: p2 restarts its evaluation on resume")
+        heartbeat.update(state=C.HB_INTERRUPTED, message=f"{e.args[0]}: p2 restarts its evaluation on resume")
         code = EXIT_INTERRUPTED
     except Exception as e:
         summary = f"{type(e).__name__}: {e}".splitlines()[0]
         print(f"error: p2 failed: {summary}", file=sys.stderr, flush=True)
         traceback.print_exc()
-        heartbeat.update(state="failed", message=summary)
+        heartbeat.update(state=C.HB_FAILED, message=summary)
         code = EXIT_FAILED
     finally:
         heartbeat.stop()

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.contract import (CKPT_DIR, EVAL_PER_LENGTH, EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_OK, RESULTS,
-                            atomic_write_json)
+from train import contract as C
+from train.contract import (CKPT_DIR, EVAL_PER_LENGTH, EXIT_BAD_SPEC, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
+                            RESULTS, atomic_write_json)
 from train.spec import SpecError, TrainSpec, check_world, load_spec
 
-EXIT_FAILED = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -123,9 +123,9 @@ def prepare_data(spec: TrainSpec, dist_info, heartbeat):
     from train.heartbeat import STATUS_FIELDS
 
     def on_progress(info: dict) -> None:
-        heartbeat.update(state="tokenizing", **{k: v for k, v in info.items() if k in STATUS_FIELDS})
+        heartbeat.update(state=C.HB_TOKENIZING, **{k: v for k, v in info.items() if k in STATUS_FIELDS})
 
-    heartbeat.update(state="tokenizing", message="preparing data")
+    heartbeat.update(state=C.HB_TOKENIZING, message="preparing data")
     if dist_info.local_rank == 0:
         data = prepare(spec.raw, on_progress=on_progress if dist_info.is_main else None)
         barrier_polling()
@@ -344,7 +344,7 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
     if dropped:
         log(f"loss curve: dropped {dropped} lines after step {progress.step}")
 
-    heartbeat.update(state="training", step=progress.step, message="training", loss=progress.last_loss,
+    heartbeat.update(state=C.HB_TRAINING, step=progress.step, message="training", loss=progress.last_loss,
                      tokens=progress.step * spec.tokens_per_step(dist_info.world_size), tokens_per_s=None,
                      eta_s=None)
     log(f"phase training (from step {progress.step})")
@@ -352,12 +352,12 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
         finished = train_loop(spec, dist_info, model, optimizer, data, progress, total_steps,
                               heartbeat, curve, signals, started)
     if not finished or signals.received:
-        heartbeat.update(state="interrupted", checkpoint_step=progress.step,
+        heartbeat.update(state=C.HB_INTERRUPTED, checkpoint_step=progress.step,
                          message=f"{signals.received or 'stop signal'}: checkpoint at step {progress.step}")
         log(f"interrupted: checkpoint at step {progress.step}, exit {EXIT_INTERRUPTED}")
         return EXIT_INTERRUPTED
 
-    heartbeat.update(state="evaluating", message=f"evaluating lengths {spec.eval_lengths}")
+    heartbeat.update(state=C.HB_EVALUATING, message=f"evaluating lengths {spec.eval_lengths}")
     log("phase evaluating")
     from train.evaluate import evaluate_lengths
     model.eval()
@@ -374,7 +374,7 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
         log(f"results: final loss {record['final_train_loss']:.4f}, ppl {record['ppl']}, "
             f"tok/s {record['tokens_per_s'] or 0:,.0f}, mfu {record['mfu']}")
     barrier_polling()
-    heartbeat.update(state="done", step=total_steps, tokens=tokens_seen, eta_s=0, message="done")
+    heartbeat.update(state=C.HB_DONE, step=total_steps, tokens=tokens_seen, eta_s=0, message="done")
     log("phase done")
     return EXIT_OK
 
@@ -412,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         code = run(spec, dist_info, heartbeat, curve, signals, started)
     except SpecError as e:
         print(f"error: invalid spec: {e}", file=sys.stderr, flush=True)
-        heartbeat.update(state="failed", message=f"invalid spec: {e}")
+        heartbeat.update(state=C.HB_FAILED, message=f"invalid spec: {e}")
         code = EXIT_BAD_SPEC
     except Interrupted as e:
         # Mid-phase: no step boundary to save at; the newest complete checkpoint is what a resume uses.
         latest = checkpoint.complete_steps(Path(spec.out_dir) / CKPT_DIR)
         step = latest[-1] if latest else None
         phase = heartbeat.status.get("state")
-        heartbeat.update(state="interrupted", checkpoint_step=step,
+        heartbeat.update(state=C.HB_INTERRUPTED, checkpoint_step=step,
                          message=f"{e.args[0]} while {phase}; resume from checkpoint {step}")
         log(f"interrupted by {e.args[0]} while {phase}: checkpoint_step {step}, exit {EXIT_INTERRUPTED}")
         code, clean = EXIT_INTERRUPTED, False
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = f"{type(e).__name__}: {e}".splitlines()[0]
         print(f"error: training failed: {summary}", file=sys.stderr, flush=True)
         traceback.print_exc()
-        heartbeat.update(state="failed", message=summary)
+        heartbeat.update(state=C.HB_FAILED, message=summary)
         code, clean = EXIT_FAILED, False
     finally:
         heartbeat.stop()

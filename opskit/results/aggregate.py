@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opskit.results.artifacts import RunArtifacts
+from opskit.states import DONE
 
 RUNS_CSV = "runs.csv"
 SUMMARY_CSV = "summary.csv"
@@ -55,11 +56,11 @@ class Report:
 
     @property
     def done(self) -> list[RunArtifacts]:
-        return [r for r in self.runs if r.state == "done"]
+        return [r for r in self.runs if r.state == DONE]
 
     @property
     def not_done(self) -> list[RunArtifacts]:
-        return [r for r in self.runs if r.state != "done"]
+        return [r for r in self.runs if r.state != DONE]
 
     @property
     def multi_phase(self) -> bool:
@@ -74,11 +75,11 @@ class Report:
 
 def build_report(runs: list[RunArtifacts]) -> Report:
     """Summaries over the runs that finished; the others stay in `runs` with their state."""
-    lengths = sorted({length for r in runs if r.state == "done" for length in r.ppl})
+    lengths = sorted({length for r in runs if r.state == DONE for length in r.ppl})
     keys = sorted({(r.phase, r.config) for r in runs})
     summaries = []
     for phase, config in keys:
-        done = [r for r in runs if r.phase == phase and r.config == config and r.state == "done"]
+        done = [r for r in runs if r.phase == phase and r.config == config and r.state == DONE]
         summaries.append(ConfigSummary(
             phase=phase, config=config, seeds=[r.seed for r in done],
             ppl={length: st for length in lengths if (st := stat([r.ppl[length] for r in done if length in r.ppl]))},

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opskit.errors import OpsError
+from opskit.states import DONE
 from train import contract
 from train.contract import DOWNSTREAM
 
@@ -32,13 +33,13 @@ class RunArtifacts:
 
     @property
     def name(self) -> str:
-        return f"{self.phase}/{self.config}/s{self.seed}"
+        return contract.run_name(self.phase, self.config, self.seed)
 
     @property
     def state(self) -> str:
         """done, or why the run has no results: failed, interrupted, training, ..., missing."""
         if self.results is not None or self.downstream is not None:  # downstream phases write no results.json
-            return "done"
+            return DONE
         if self.status and self.status.get("state"):
             return self.status["state"]
         if self.store_state:
@@ -104,7 +105,11 @@ def read_run(path: Path, phase: str, config: str, seed: int) -> RunArtifacts:
     )
 
 
+RAW_DIR = "raw"  # results/raw/<phase>/<config>/seed<k>/: pulled and imported runs
+
+
 def run_path(raw_dir: Path, phase: str, config: str, seed: int) -> Path:
+    """A run's folder under results/raw/ (or any raw_dir)."""
     return Path(raw_dir) / phase / config / f"seed{seed}"
 
 
@@ -135,6 +140,6 @@ def add_expected(runs: list[RunArtifacts], expected: list[tuple[str, str, int]],
     """Add a placeholder for every expected (phase, config, seed) that was never pulled."""
     have = {(r.phase, r.config, r.seed) for r in runs}
     store_states = store_states or {}
-    extra = [RunArtifacts(phase=p, config=c, seed=s, path=None, store_state=store_states.get(f"{p}/{c}/s{s}"))
+    extra = [RunArtifacts(phase=p, config=c, seed=s, path=None, store_state=store_states.get(contract.run_name(p, c, s)))
              for p, c, s in expected if (p, c, s) not in have]
     return sorted(runs + extra, key=lambda r: (r.phase, r.config, r.seed))

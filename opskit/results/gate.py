@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from opskit.errors import OpsError
+from opskit.states import DONE
 from opskit.results.aggregate import Stat, stat
 from opskit.results.artifacts import add_expected, load_runs
 
@@ -51,12 +52,12 @@ def apply_gate(store, raw_dir: Path, phase: str, matrix: str | None = None,
     configs = phase_configs(store, ph.name, matrix, **kw)
     expected = [(ph.name, c, s) for c in configs for s in ph.seeds]
     runs = [r for r in add_expected(load_runs(raw_dir, ph.name), expected) if r.config in configs]
-    incomplete = [f"{r.name} ({r.state})" for r in runs if r.state != "done"]
+    incomplete = [f"{r.name} ({r.state})" for r in runs if r.state != DONE]
     if incomplete and not allow_incomplete:
         raise GateError(f"cannot gate {ph.name}: {len(incomplete)} run(s) without results: "
                         f"{', '.join(incomplete)} (pull them, or pass --allow-incomplete)")
     length = int(ph.gate["metric_length"])
-    means = {c: stat([r.ppl[length] for r in runs if r.config == c and r.state == "done" and length in r.ppl])
+    means = {c: stat([r.ppl[length] for r in runs if r.config == c and r.state == DONE and length in r.ppl])
              for c in configs}
     decision = decide(means, length, float(ph.gate["max_rel_above_best"]))
     decision.update({"matrix": m.name, "phase": ph.name, "incomplete": incomplete, "decided_at": time.time()})

@@ -137,7 +137,7 @@ def import_file(path: Path, phase: str, results_dir: Path, matrix: str | None = 
         old = contract.read_json(run_path(raw, phase, run["config"], run["seed"]) / contract.RESULTS)
         if old is not None and old.get("imported_from") != str(path):
             origin = f"imported from {old['imported_from']}" if old.get("imported_from") else "a trained run"
-            raise ImportError_(f"{phase}/{run['config']}/s{run['seed']} already exists ({origin}); import under another --phase")
+            raise ImportError_(f"{contract.run_name(phase, run['config'], run['seed'])} already exists ({origin}); import under another --phase")
     names = []
     for run in runs:
         names.append(_write_run(raw, phase, run, path, m))
@@ -146,7 +146,7 @@ def import_file(path: Path, phase: str, results_dir: Path, matrix: str | None = 
 
 def _write_run(raw: Path, phase: str, run: dict, source: Path, m) -> str:
     config, seed = run["config"], run["seed"]
-    name = f"{phase}/{config}/s{seed}"
+    name = contract.run_name(phase, config, seed)
     seq_len = _first(run["train_cfg"], _SEQ_KEYS) or (m.train["seq_len"] if m else None)
     row = run["rows"][0] if len(run["rows"]) == 1 else {}
     results = {

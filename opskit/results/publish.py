@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 
 from opskit.errors import OpsError
 from opskit.results.git_repo import GitRepo
+from train.contract import run_name
 
 DEFAULT_MAX_MB = 5.0
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".distcp", ".pkl", ".pickle", ".npz", ".h5", ".gguf")
@@ -78,7 +79,7 @@ def runs_and_phases(files: list[str], results_rel: str) -> tuple[list[str], list
         rest = parts[len(prefix):]
         phases.add(rest[0])
         if len(rest) >= 4 and rest[2].startswith("seed") and rest[2][4:].isdigit():
-            runs.add(f"{rest[0]}/{rest[1]}/s{int(rest[2][4:])}")
+            runs.add(run_name(rest[0], rest[1], int(rest[2][4:])))
     return sorted(runs), sorted(phases)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from opskit.errors import OpsError
 from opskit.results.aggregate import stat
 from opskit.results.artifacts import RunArtifacts
+from opskit.states import DONE
 
 MIN_POINTS = 4  # 3 parameters + at least one degree of freedom for the intervals
 DEFAULT_SIZES = (1.5e9, 7e9)
@@ -148,7 +149,7 @@ def _series(runs: list[RunArtifacts], axis: str) -> Series | None:
 
 
 def scaling_series(runs: list[RunArtifacts]) -> tuple[Series | None, Series | None]:
-    usable = [r for r in runs if r.state == "done" and (r.results or {}).get("params")
+    usable = [r for r in runs if r.state == DONE and (r.results or {}).get("params")
               and (r.results or {}).get("tokens_seen") and run_loss(r) is not None]
     return _series(usable, "params"), _series(usable, "tokens")
 

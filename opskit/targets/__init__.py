@@ -1,8 +1,9 @@
-"""Targets: where runs execute. One kind per file, all behind `Target` (base.py)."""
+"""Targets: where runs execute. One kind per file (local.py, ssh.py, slurm/), siblings over one
+Target (base.py); none imports another."""
 from __future__ import annotations
 
-from opskit.errors import OpsError
-from opskit.targets.base import Target, TargetUnreachable
+from opskit.errors import OpsError, TargetUnreachable
+from opskit.targets.base import Submission, Target
 
 KINDS = ("local", "ssh", "slurm")
 
@@ -25,4 +26,4 @@ def open_target(record: dict) -> Target:
     return target_class(record["kind"])(record["name"], record["config"])
 
 
-__all__ = ["KINDS", "Target", "TargetUnreachable", "open_target", "target_class"]
+__all__ = ["KINDS", "Submission", "Target", "TargetUnreachable", "open_target", "target_class"]

@@ -1,29 +1,50 @@
-"""What every target offers. Subclasses say how to reach the target's agent (remote/agent.py)
-and how files move; everything else (start, observe, signal, logs, manifests) is shared."""
+"""A target: a workdir on a machine, reached through a Shell (opskit/transport), where remote/agent.py
+does every run operation. The kinds (local.py, ssh.py, slurm/) are siblings that differ in their
+options and, for SLURM, in how a run is submitted and observed; everything else is here.
+"""
 from __future__ import annotations
 
 import json
-import shlex
-from abc import ABC, abstractmethod
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from opskit.errors import OpsError
-from opskit.states import Observation
+from opskit import planning
+from opskit import queue as Q
+from opskit.errors import CannotRun, OpsError, TargetUnreachable
+from opskit.states import Observation, observed
+from opskit.transport import Shell, quote, rsync, shell_for
 from train import contract as C
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PREPARE_TIMEOUT_S = 3 * 3600  # a cold box downloads torch
+PROBE_TIMEOUT_S = 120
 
-class TargetUnreachable(OpsError):
-    """The target did not answer (in time)."""
+
+@dataclass(frozen=True)
+class Submission:
+    """What `Target.submit` did with a run: queued on the target's own queue (position, seq, its
+    supervisor) or handed to a scheduler / started (job id or pid)."""
+
+    queued: bool
+    attempt: int
+    position: int | None = None
+    seq: int | None = None
+    supervisor: dict | None = None
+    job_id: str | None = None
+    pid: int | None = None
+    extra: dict = field(default_factory=dict)
 
 
-class Target(ABC):
+class Target:
     kind = "?"
-    has_queue = True  # runs wait in the target's own queue (remote/supervisor.py); SLURM uses its own
+    rendezvous_port: str | None = Q.PORT_PLACEHOLDER  # the queue gives each run its own torchrun port
 
-    def __init__(self, name: str, config: dict):
+    def __init__(self, name: str, config: dict, shell: Shell | None = None):
         self.name = name
         self.config = config
+        self.shell = shell or shell_for(config)
 
     @classmethod
     def config_from_options(cls, options: dict) -> dict:
@@ -32,17 +53,23 @@ class Target(ABC):
 
     # -- where things are on the target
     @property
-    def workdir(self) -> str:
-        return self.config["workdir"]
+    def in_place(self) -> bool:
+        """Runs start from this checkout (this machine); elsewhere the code is synced to <workdir>/code."""
+        return self.shell.local
 
     @property
-    @abstractmethod
-    def code_dir(self) -> str: ...
+    def workdir(self) -> str:
+        return self.shell.expand_home(self.config["workdir"])
+
+    @property
+    def code_dir(self) -> str:
+        return str(PROJECT_ROOT) if self.in_place else f"{self.workdir}/code"
 
     @property
     def python(self) -> str:
         """The trainer's python on the target."""
-        return self.config.get("python") or f"{self.workdir}/venv/bin/python"
+        default = sys.executable if self.in_place else f"{self.workdir}/venv/bin/python"
+        return self.config.get("python") or default
 
     @property
     def gpus(self) -> int:
@@ -51,18 +78,26 @@ class Target(ABC):
     def run_dir(self, run: str) -> str:
         return str(C.run_dir(self.workdir, run))
 
-    # -- transport
-    @abstractmethod
+    # -- the agent
+    def _agent_argv(self, args: list[str]) -> list[str]:
+        python = sys.executable if self.in_place else self.config.get("agent_python", "python3")
+        # -S: the agent needs the standard library only; skipping site-packages halves its start-up
+        return [python, "-S", f"{self.code_dir}/remote/agent.py", *args]
+
     def agent(self, args: list[str], stdin: str | None = None, timeout: float = 60) -> str:
         """Run remote/agent.py with `args` on the target; its stdout."""
-
-    @abstractmethod
-    def agent_stream(self, args: list[str]) -> Iterator[str]:
-        """Run the agent and yield its stdout as it comes (logs --follow)."""
-
-    @abstractmethod
-    def fetch(self, run: str, names: list[str], dest: Path) -> None:
-        """Copy the named files of a run's directory into `dest`."""
+        label = f"{'local ' if self.shell.local else ''}agent {args[0]}"
+        try:
+            res = self.shell.run(self._agent_argv(args), stdin=stdin, timeout=timeout, label=label)
+        except TargetUnreachable as e:
+            raise TargetUnreachable(f"target {self.name}: {e}") from None
+        if res.exit_code == 0:
+            return res.stdout
+        detail = (res.stdout + res.stderr).strip()
+        if "remote/agent.py" in detail and "No such file" in detail:
+            raise OpsError(f"target {self.name}: opskit's code is not on the box yet; "
+                           f"run `opskit targets prepare {self.name}`")
+        raise OpsError(f"target {self.name}: agent {args[0]} failed (exit {res.exit_code}): {detail[-500:]}")
 
     def agent_json(self, args: list[str], stdin: str | None = None, timeout: float = 60) -> dict:
         out = self.agent(args, stdin=stdin, timeout=timeout)
@@ -71,28 +106,93 @@ class Target(ABC):
         except (ValueError, IndexError):
             raise OpsError(f"target {self.name}: agent answered unexpectedly: {out.strip()[:300]!r}") from None
 
-    def _agent_argv(self) -> list[str]:
-        # -S: the agent needs the standard library only; skipping site-packages halves its start-up
-        return ["-S", f"{self.code_dir}/remote/agent.py"]
-
-    # -- lifecycle (overridden where a kind differs)
+    # -- lifecycle
     def check(self) -> dict:
-        return {"reachable": True}
-
-    def prepare(self, on_line=print) -> None:
-        """Make the target able to run the trainer (venv, packages); idempotent."""
+        """Reachable (else TargetUnreachable), python3 version, GPUs, free disk where the workdir is."""
+        wd = self.workdir
+        script = (
+            "python3 -c 'import sys; print(\"python3=%d.%d.%d\" % sys.version_info[:3])' 2>/dev/null"
+            " || echo python3=missing\n"
+            "command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version"
+            " --format=csv,noheader 2>/dev/null | sed 's/^/gpu=/'\n"
+            f"d={quote([wd])}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done\n"
+            "df -Pk \"$d\" | awk 'NR==2 {print \"free_kb=\" $4}'\n"
+            f"test -f {quote([wd + '/.prepared'])} && echo prepared=yes || echo prepared=no\n")
+        res = self.shell.run(script, timeout=30)
+        facts: dict[str, list[str]] = {}
+        for line in res.stdout.splitlines():
+            k, _, v = line.partition("=")
+            facts.setdefault(k, []).append(v.strip())
+        gpus = facts.get("gpu", [])
+        free_kb = int(facts.get("free_kb", ["0"])[0] or 0)
+        return {"reachable": True, "host": str(self.shell), "workdir": wd, "python": self.python,
+                "python3": facts.get("python3", ["missing"])[0], "gpus": len(gpus),
+                "gpu_models": sorted({g.split(",")[0] for g in gpus}),
+                "driver": gpus[0].split(",")[-1].strip() if gpus else None,
+                "free_disk_gb": round(free_kb / 2**20, 1), "prepared": facts.get("prepared") == ["yes"],
+                "configured_gpus": self.gpus}
 
     def sync(self) -> None:
-        """Bring the project's code to the target (no-op where it runs in place)."""
+        """Bring the project's code to <workdir>/code (nothing to do where it runs in place)."""
+        if self.in_place or getattr(self, "_synced", False):
+            return
+        rsync.push_code(self.shell, PROJECT_ROOT, self.code_dir)
+        self._synced = True  # once per process: a launch's prepare already did
+
+    def prepare(self, on_line=print) -> None:
+        """Make the target able to run the trainer; idempotent. In place: check this python can import
+        the trainer's packages. Elsewhere: sync the code, then run remote/prepare.sh there."""
+        if self.in_place:
+            return self._probe_python()
+        self.sync()
+        argv = ["bash", f"{self.code_dir}/remote/prepare.sh", "--workdir", self.workdir, "--code", self.code_dir,
+                "--python", self.python, "--gpus", str(self.gpus)]
+        for key in ("base_python", "torch_index"):
+            if self.config.get(key):
+                argv += [f"--{key.replace('_', '-')}", self.config[key]]
+        for key in ("system_site_packages", "no_install"):
+            if self.config.get(key):
+                argv.append(f"--{key.replace('_', '-')}")
+        lines: list[str] = []
+
+        def relay(line: str) -> None:
+            lines.append(line)
+            on_line(line)
+
+        res = self.shell.run(argv, timeout=PREPARE_TIMEOUT_S, on_line=relay)
+        if res.exit_code != 0:
+            failed = [ln for ln in lines if ln.startswith("prepare failed at step ")]
+            why = failed[-1] if failed else f"prepare.sh exited {res.exit_code}: {res.stderr.strip()[-300:]}"
+            raise OpsError(f"target {self.name}: {why}")
+
+    def _probe_python(self) -> None:
+        try:
+            probe = self.shell.run([self.python, "-c", "import torch, tokenizers, numpy"], timeout=PROBE_TIMEOUT_S)
+        except TargetUnreachable:
+            raise OpsError(f"target {self.name}: {self.python} took over {PROBE_TIMEOUT_S:g}s to import "
+                           f"the trainer's packages") from None
+        except CannotRun as e:
+            raise OpsError(f"target {self.name}: cannot run python {self.python}: {e.strerror or e}; "
+                           f"check the target's python setting") from None
+        if probe.exit_code != 0:
+            raise OpsError(f"{self.python} cannot run the trainer ({probe.stderr.strip().splitlines()[-1:]}); "
+                           f"install it with: pip install -e '.[train]'")
 
     def check_movable(self) -> None:
         """Raise OpsError where a run's checkpoint cannot be copied to or from this target
-        (`opskit resume RUN --target T`, opskit/rsync.py); local and SSH targets can."""
+        (`opskit resume RUN --target T`, opskit/transport/rsync.py); local and SSH targets can."""
 
     # -- runs
+    def write_file(self, rel: str, text: str) -> None:
+        """Write a file under the workdir atomically (agent write)."""
+        self.agent_json(["write", "--workdir", self.workdir, "--path", rel], stdin=text)
+
     def write_spec(self, run: str, spec: dict) -> None:
-        rel = f"runs/{run}/{C.SPEC}"
-        self.agent_json(["write", "--workdir", self.workdir, "--path", rel], stdin=json.dumps(spec, indent=1))
+        self.write_file(C.run_rel(run, C.SPEC), json.dumps(spec, indent=1))
+
+    def reset(self, run: str) -> None:
+        """Move an earlier attempt's run directory aside: a rerun starts from scratch."""
+        self.agent_json(["reset", "--workdir", self.workdir, "--run", run])
 
     def trainer_env(self, attempt: int) -> dict[str, str]:
         env = {"PYTHONPATH": self.code_dir, "OPSKIT_ATTEMPT": str(attempt), "PYTHONUNBUFFERED": "1",
@@ -101,48 +201,77 @@ class Target(ABC):
             env["OMP_NUM_THREADS"] = str(self.config.get("threads_per_run", 1))
         return env
 
+    def command(self, run: str, spec: dict) -> list[str]:
+        """The command line that runs `spec` here: the trainer (torchrun) or a downstream (p2) job."""
+        spec_path = f"{self.run_dir(run)}/{C.SPEC}"
+        if "downstream" in spec:
+            return planning.downstream_command(self.python, spec_path)
+        return planning.trainer_command(self.python, planning.procs_per_run(self.config), spec_path,
+                                        port=self.rendezvous_port)
+
+    def check_after(self, after: list[str]) -> None:
+        """Raise OpsError where this target cannot hold a run back until others are done."""
+
+    def plan(self, run: str, command: list[str], attempt: int) -> dict:
+        """What `submit` would hand over, beyond the command (launch --dry-run prints it)."""
+        return {}
+
+    def submit(self, run: str, command: list[str], attempt: int, gpus: int | None = None,
+               after: list[str] | tuple[str, ...] = (), extra_env: dict | None = None) -> Submission:
+        """Queue a run on the target; its supervisor starts it when its GPUs are free and its `after`
+        runs are done."""
+        entry = {"run": run, "command": command, "env": {**self.trainer_env(attempt), **(extra_env or {})},
+                 "gpus": gpus, "after": list(after), "attempt": attempt}
+        answer = self.agent_json(["enqueue", "--workdir", self.workdir],
+                                 stdin=json.dumps({"entry": entry, "config": self.queue_config()}))
+        return Submission(True, attempt, position=answer["position"], seq=answer["seq"],
+                          supervisor=answer["supervisor"])
+
     def start(self, run: str, command: list[str], attempt: int, extra_env: dict | None = None) -> dict:
+        """Start a run at once, outside the queue (agent start); its pid."""
         env = {**self.trainer_env(attempt), **(extra_env or {})}
         args = ["start", "--workdir", self.workdir, "--run", run]
         for k, v in env.items():
             args += ["--env", f"{k}={v}"]
         return self.agent_json(args + ["--", *command])
 
-    def observe(self, runs: list[str]) -> dict[str, Observation]:
+    def observe(self, runs: list[str]) -> tuple[dict[str, Observation], dict | None]:
+        """Each run's Observation and the target's queue state, in one round trip (a dead supervisor
+        with work left is restarted on the way)."""
         if not runs:
-            return {}
-        return _observations(self.agent_json(["observe", "--workdir", self.workdir, *runs]))
-
-    def observe_with_queue(self, runs: list[str]) -> tuple[dict[str, Observation], dict | None]:
-        """Runs and (where the target has an opskit queue) the queue's state, in one round trip."""
-        if not self.has_queue:
-            return self.observe(runs), None
+            return {}, None
         answer = self.agent_json(["observe", "--workdir", self.workdir, "--queue", *runs])
-        return _observations(answer), answer["queue"]
+        return {run: observed(o, answer["now"]) for run, o in answer["runs"].items()}, answer["queue"]
 
     def signal(self, run: str, sig: str = "TERM") -> dict:
         return self.agent_json(["signal", "--workdir", self.workdir, "--run", run, "--sig", sig])
 
+    def cancel(self, run: str, now: bool = False) -> dict:
+        """Take a waiting run off the queue, or signal a running one (TERM: it checkpoints; KILL: at
+        once). The answer says which: removed_from_queue, signalled, or neither (not running)."""
+        if self.agent_json(["dequeue", "--workdir", self.workdir, "--run", run])["removed"]:
+            return {"removed_from_queue": True}
+        return self.signal(run, "KILL" if now else "TERM")
+
     def logs(self, run: str, lines: int = 50, follow: bool = False) -> Iterator[str]:
         args = ["tail", "--workdir", self.workdir, "--run", run, "--lines", str(lines)]
         if follow:
-            yield from self.agent_stream(args + ["--follow"])
+            yield from self.shell.stream(self._agent_argv(args + ["--follow"]))
         else:
             yield self.agent(args)
+
+    def manifest(self, run: str) -> list[dict]:
+        return self.agent_json(["manifest", "--workdir", self.workdir, "--run", run])["files"]
+
+    def fetch(self, run: str, names: list[str], dest: Path) -> None:
+        """Copy the named files of a run's directory into `dest`."""
+        self.shell.fetch(self.run_dir(run), names, dest)
 
     # -- the target's queue (docs/queue.md)
     def queue_config(self) -> dict:
         """What the supervisor shares out: GPU count (may be a fake one), GPUs per run, limits."""
         keys = ("gpus_per_run", "max_parallel", "base_port", "idle_exit_s", "poll_s")
         return {"gpus": self.gpus, **{k: self.config[k] for k in keys if self.config.get(k) is not None}}
-
-    def enqueue(self, run: str, command: list[str], attempt: int, gpus: int | None = None,
-                after: list[str] | tuple[str, ...] = (), extra_env: dict | None = None) -> dict:
-        """Queue a run; the supervisor starts it when its GPUs are free and its `after` runs are done."""
-        entry = {"run": run, "command": command, "env": {**self.trainer_env(attempt), **(extra_env or {})},
-                 "gpus": gpus, "after": list(after), "attempt": attempt}
-        return self.agent_json(["enqueue", "--workdir", self.workdir],
-                               stdin=json.dumps({"entry": entry, "config": self.queue_config()}))
 
     def ensure_supervisor(self) -> dict:
         return self.agent_json(["ensure-supervisor", "--workdir", self.workdir])
@@ -151,20 +280,5 @@ class Target(ABC):
         """Running and pending entries (in order, with why each waits); `ensure` restarts a dead supervisor."""
         return self.agent_json(["queue-state", "--workdir", self.workdir, *(["--ensure"] if ensure else [])])
 
-    def dequeue(self, run: str) -> dict:
-        return self.agent_json(["dequeue", "--workdir", self.workdir, "--run", run])
-
     def queue_move_top(self, run: str) -> dict:
         return self.agent_json(["queue-move", "--workdir", self.workdir, "--run", run, "--top"])
-
-    def manifest(self, run: str) -> list[dict]:
-        return self.agent_json(["manifest", "--workdir", self.workdir, "--run", run])["files"]
-
-
-def _observations(answer: dict) -> dict[str, Observation]:
-    return {run: Observation(status=o["status"], exit_code=o["exit_code"], alive=o["alive"], now=answer["now"],
-                             started=o["started"]) for run, o in answer["runs"].items()}
-
-
-def quote(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)

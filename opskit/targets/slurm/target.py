@@ -1,22 +1,24 @@
 """SLURM targets: one sbatch job per run (docs/targets-slurm.md).
 
-Files move as on the local target (submission on this machine) or as on an SSH target (`--login`:
-a login node that shares the workdir's filesystem with the compute nodes). Runs are submitted, not
-started: SLURM queues them, so there is no opskit queue here. Status combines one sacct call for
-every job of the target with the run directories' heartbeats and exit codes.
+The shell is this machine's (submission here) or a login node's over SSH (`--login`; it shares the
+workdir's filesystem with the compute nodes); SLURM's commands go through the same shell
+(client.py). Runs are submitted, not queued by opskit: SLURM queues them. Status combines one sacct
+call for every job of the target with the run directories' heartbeats and exit codes.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
 
-from opskit import slurm_script as S
 from opskit.errors import OpsError
-from opskit.slurm_client import SlurmClient
 from opskit.states import Observation
-from opskit.targets.base import Target, TargetUnreachable, quote
+from opskit.targets.base import Submission, Target
+from opskit.targets.slurm import script as S
+from opskit.targets.slurm.client import SlurmClient
+from opskit.transport.ssh import key_path, parse_ssh
+from train import contract as C
 
 TIME_RE = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
 LOG_TAIL_LINES = 5
@@ -24,31 +26,20 @@ LOG_TAIL_LINES = 5
 
 class SlurmTarget(Target):
     kind = "slurm"
-    has_queue = False  # SLURM queues the jobs
+    rendezvous_port = None  # one job per run: torchrun's own rendezvous inside the allocation
 
-    def __init__(self, name: str, config: dict):
-        super().__init__(name, config)
-        if config.get("login"):
-            from opskit.targets.ssh import SSHTarget
-            self._via: Target = SSHTarget(name, config)
-        else:
-            from opskit.targets.local import LocalTarget
-            self._via = LocalTarget(name, config)
-        address = self._via.address if config.get("login") else None
-        self.client = SlurmClient(address, config.get("slurm_conf"))
+    def __init__(self, name: str, config: dict, shell=None):
+        super().__init__(name, config, shell)
+        self.client = SlurmClient(self.shell, config.get("slurm_conf"))
 
     @classmethod
     def config_from_options(cls, options: dict) -> dict:
         config: dict = {}
         if options.get("login"):
-            from opskit.targets.ssh import parse_ssh
             user, host, port = parse_ssh(options["login"])
             config.update(login=options["login"], host=host, user=user, port=port)
             if options.get("key"):
-                key = Path(options["key"]).expanduser()
-                if not key.is_file():
-                    raise OpsError(f"--key {options['key']}: no such file here (give the private key's path)")
-                config["key"] = str(key.resolve())
+                config["key"] = key_path(options["key"])
             config["workdir"] = options.get("workdir") or "~/opskit"
             if options.get("slurm_conf"):  # a path on the login node
                 config["slurm_conf"] = options["slurm_conf"]
@@ -75,34 +66,8 @@ class SlurmTarget(Target):
         config["gpus"] = config.get("gpus_per_node", 0)  # per node: torchrun's --nproc_per_node
         return {k: v for k, v in config.items() if v is not None}
 
-    # -- where things are: the same as the local or SSH target that carries the files
-    @property
-    def workdir(self) -> str:
-        return self._via.workdir
-
-    @property
-    def code_dir(self) -> str:
-        return self._via.code_dir
-
-    @property
-    def python(self) -> str:
-        return self._via.python
-
-    # -- transport
-    def agent(self, args: list[str], stdin: str | None = None, timeout: float = 60) -> str:
-        return self._via.agent(args, stdin=stdin, timeout=timeout)
-
-    def agent_stream(self, args: list[str]) -> Iterator[str]:
-        return self._via.agent_stream(args)
-
-    def fetch(self, run: str, names: list[str], dest: Path) -> None:
-        self._via.fetch(run, names, dest)
-
-    def sync(self) -> None:
-        self._via.sync()
-
     def prepare(self, on_line=print) -> None:
-        self._via.prepare(on_line=on_line)
+        super().prepare(on_line=on_line)
         self.client.run(["sbatch", "--version"])
 
     def check_movable(self) -> None:
@@ -111,7 +76,7 @@ class SlurmTarget(Target):
 
     def check(self) -> dict:
         _, out = self.client.run(["sinfo", "-h", "-o", "%P %a %D %T"])
-        return {**self._via.check(), "partitions": out.strip().splitlines()}
+        return {**super().check(), "partitions": out.strip().splitlines()}
 
     def _read(self, rel_paths: list[str]) -> dict[str, str]:
         """The contents of small files under the workdir (absent ones left out), in one round trip."""
@@ -122,55 +87,57 @@ class SlurmTarget(Target):
                   "print(json.dumps(out))")
         argv = ["python3", "-c", script, self.workdir, *rel_paths]
         what = f"target {self.name}: python3 reading run files"
-        if self.config.get("login"):
-            res = self._via._sh(quote(argv), timeout=60)
-            code, out, err = res.exit_code, res.stdout, res.stderr
-        else:
-            import subprocess
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-            except subprocess.TimeoutExpired:
-                raise TargetUnreachable(f"{what} timed out after 60s") from None
-            except OSError as e:
-                raise OpsError(f"{what} cannot start: {e}") from None
-            code, out, err = proc.returncode, proc.stdout, proc.stderr
-        if code != 0:
-            raise OpsError(f"{what} failed (exit {code}): {(err.strip().splitlines() or [''])[-1][-300:]}")
-        import json
         try:
-            return json.loads(out)
+            res = self.shell.run(argv, timeout=60)
+        except OpsError as e:
+            raise type(e)(f"{what}: {e}") from None
+        if res.exit_code != 0:
+            last = (res.stderr.strip().splitlines() or [''])[-1][-300:]
+            raise OpsError(f"{what} failed (exit {res.exit_code}): {last}")
+        try:
+            return json.loads(res.stdout)
         except ValueError:
-            raise OpsError(f"{what} answered unexpectedly: {out.strip()[:300]!r}") from None
+            raise OpsError(f"{what} answered unexpectedly: {res.stdout.strip()[:300]!r}") from None
 
     # -- runs
-    def dry_run_script(self, run: str, command: list[str], attempt: int = 1) -> str:
-        """The sbatch script `start` would submit (launch --dry-run prints it)."""
-        return S.sbatch_script(run, self.run_dir(run), self.code_dir, command, self.trainer_env(attempt),
-                               self.config)
+    def check_after(self, after: list[str]) -> None:
+        if after:
+            raise OpsError(f"--after needs a target with an opskit queue (local, ssh); {self.name} is slurm")
 
-    def start(self, run: str, command: list[str], attempt: int, extra_env: dict | None = None) -> dict:
+    def plan(self, run: str, command: list[str], attempt: int) -> dict:
+        """The sbatch script `submit` would hand to SLURM (launch --dry-run prints it)."""
+        return {"sbatch": S.sbatch_script(run, self.run_dir(run), self.code_dir, command, self.trainer_env(attempt),
+                                          self.config)}
+
+    def submit(self, run: str, command: list[str], attempt: int, gpus: int | None = None,
+               after: list[str] | tuple[str, ...] = (), extra_env: dict | None = None) -> Submission:
         """Write the sbatch script into the run's slurm/ folder and submit it; the job id."""
+        self.check_after(list(after))
         env = {**self.trainer_env(attempt), **(extra_env or {})}
         script = S.sbatch_script(run, self.run_dir(run), self.code_dir, command, env, self.config)
-        rel = f"runs/{run}/{S.SLURM_DIR}"
-        self.agent_json(["write", "--workdir", self.workdir, "--path", f"{rel}/sbatch.sh"], stdin=script)
-        job_id = self.client.submit(f"{self.run_dir(run)}/{S.SLURM_DIR}/sbatch.sh")
-        self.agent_json(["write", "--workdir", self.workdir, "--path", f"{rel}/job_id"], stdin=job_id + "\n")
-        return {"job_id": job_id}
+        self.write_file(C.run_rel(run, S.SLURM_DIR, S.SBATCH_FILE), script)
+        job_id = self.client.submit(f"{self.run_dir(run)}/{S.SLURM_DIR}/{S.SBATCH_FILE}")
+        self.write_file(C.run_rel(run, S.SLURM_DIR, S.JOB_ID_FILE), job_id + "\n")
+        return Submission(False, attempt, job_id=job_id)
+
+    def start(self, run: str, command: list[str], attempt: int, extra_env: dict | None = None) -> dict:
+        """Starting at once is submitting: SLURM decides when the job runs."""
+        return {"job_id": self.submit(run, command, attempt, extra_env=extra_env).job_id}
 
     def job_ids(self, runs: list[str]) -> dict[str, str]:
-        files = self._read([f"runs/{r}/{S.SLURM_DIR}/job_id" for r in runs])
+        files = self._read([C.run_rel(r, S.SLURM_DIR, S.JOB_ID_FILE) for r in runs])
         out = {}
         for r in runs:
-            text = files.get(f"runs/{r}/{S.SLURM_DIR}/job_id", "").strip()
+            text = files.get(C.run_rel(r, S.SLURM_DIR, S.JOB_ID_FILE), "").strip()
             if text:
                 out[r] = text
         return out
 
-    def observe(self, runs: list[str]) -> dict[str, Observation]:
-        """Run directories (one agent call) plus every job's SLURM state (one sacct call)."""
+    def observe(self, runs: list[str]) -> tuple[dict[str, Observation], None]:
+        """Run directories (one agent call) plus every job's SLURM state (one sacct call); SLURM's
+        queue is its own (no opskit queue state)."""
         if not runs:
-            return {}
+            return {}, None
         answer = self.agent_json(["observe", *runs, "--workdir", self.workdir])
         ids = self.job_ids(runs)
         jobs = self.client.jobs(sorted(set(ids.values())))
@@ -183,7 +150,7 @@ class SlurmTarget(Target):
             elif job is not None and job.state == "COMPLETED" and answer["runs"][run]["exit_code"]:
                 tail = self.log_tail(run)
             out[run] = S.observation(answer["runs"][run], job, answer["now"], tail)
-        return out
+        return out, None
 
     def log_tail(self, run: str, lines: int = LOG_TAIL_LINES) -> str:
         text = self.agent(["tail", "--workdir", self.workdir, "--run", run, "--lines", str(lines + 1)])
@@ -203,11 +170,13 @@ class SlurmTarget(Target):
         if sig == "KILL" or state in S.WAITING:
             self.client.cancel(job_id)
             return {"signalled": False, "scancelled": True, "job_id": job_id}
-        self.agent_json(["write", "--workdir", self.workdir, "--path", f"runs/{run}/{S.SLURM_DIR}/{S.CANCEL_MARKER}"],
-                        stdin=job_id + "\n")
+        self.write_file(C.run_rel(run, S.SLURM_DIR, S.CANCEL_MARKER), job_id + "\n")
         if not self.client.signal(job_id, "USR1"):
             self.client.cancel(job_id)
         return {"signalled": True, "job_id": job_id, "signal": "USR1"}
+
+    def cancel(self, run: str, now: bool = False) -> dict:
+        return self.signal(run, "KILL" if now else "TERM")
 
     # -- SLURM's own queue stands in for opskit's
     def queue_state(self, ensure: bool = False) -> dict:
@@ -223,5 +192,8 @@ class SlurmTarget(Target):
             e["position"] = i
         return {"running": running, "pending": pending, "finished": []}
 
-    def enqueue(self, *args, **kwargs) -> dict:
-        raise OpsError(f"{self.name} is a SLURM target: runs are submitted to SLURM, not queued by opskit")
+    def queue_move_top(self, run: str) -> dict:
+        raise OpsError(f"{run} is on {self.name} (slurm), whose queue opskit does not order")
+
+    def ensure_supervisor(self) -> dict:
+        return {"alive": False, "started": False}  # SLURM runs the jobs; there is no supervisor

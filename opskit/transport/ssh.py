@@ -1,4 +1,5 @@
-"""SSH commands over one reused connection per host (fabric for ~/.ssh/config and auth, paramiko channels).
+"""A box over SSH as a Shell: commands over one reused connection per host (fabric for ~/.ssh/config
+and auth, paramiko channels), files with rsync over OpenSSH.
 
 A process-wide pool keyed by (user, host, port, key) keeps one authenticated transport per box;
 threads open their own channels on it. Connection failures become `TargetUnreachable`.
@@ -9,17 +10,20 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import select
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import paramiko
 from fabric import Connection
 
-from opskit.targets.base import TargetUnreachable
+from opskit.errors import OpsError, TargetUnreachable
+from opskit.transport import Result, Shell, quote, rsync
 
 CONNECT_TIMEOUT_S = 5.0
 REMOTE_ENV = {"SHLVL": "1"}
@@ -39,11 +43,21 @@ class Address:
         return f"{self.user + '@' if self.user else ''}{self.host}{':' + str(self.port) if self.port else ''}"
 
 
-@dataclass(frozen=True)
-class Result:
-    exit_code: int
-    stdout: str
-    stderr: str
+def parse_ssh(spec: str) -> tuple[str | None, str, int | None]:
+    """'USER@HOST[:PORT]' -> (user, host, port); HOST may be an ~/.ssh/config alias or [IPv6]."""
+    m = re.fullmatch(r"(?:([^@\s]+)@)?(\[[^\]]+\]|[^:@\s\[\]]+)(?::(\d+))?", spec.strip())
+    if not m:
+        raise OpsError(f"bad --ssh '{spec}': expected USER@HOST[:PORT], e.g. ubuntu@203.0.113.7:22")
+    user, host, port = m.groups()
+    return user, host.strip("[]"), int(port) if port else None
+
+
+def key_path(option: str) -> str:
+    """The absolute path of an SSH private key given to --key (its contents are never read)."""
+    key = Path(option).expanduser()
+    if not key.is_file():
+        raise OpsError(f"--key {option}: no such file here (give the private key's path)")
+    return str(key.resolve())
 
 
 class _Pooled:
@@ -112,7 +126,7 @@ def _open_channel(addr: Address) -> paramiko.Channel:
 
 
 def run(addr: Address, command: str, stdin: str | None = None, timeout: float = 60,
-        on_line: Callable[[str], None] | None = None) -> Result:
+        on_line: Callable[[str], None] | None = None, label: str | None = None) -> Result:
     """Run a shell command on the box and wait for it (at most `timeout` seconds).
 
     With `on_line`, stdout lines are also passed on as they arrive (prepare's progress)."""
@@ -127,7 +141,8 @@ def run(addr: Address, command: str, stdin: str | None = None, timeout: float = 
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TargetUnreachable(f"{addr}: command timed out after {timeout:.0f}s: {command[:120]}")
+                what = label or f"command {command[:120]!r}"
+                raise TargetUnreachable(f"{addr}: {what} timed out after {timeout:.0f}s")
             select.select([chan], [], [], min(remaining, 1.0))
             got = False
             while chan.recv_ready():
@@ -172,3 +187,66 @@ def stream(addr: Address, command: str) -> Iterator[str]:
         raise TargetUnreachable(f"{addr}: connection lost while streaming: {e or type(e).__name__}") from None
     finally:
         chan.close()
+
+
+class SSHShell(Shell):
+    """One box reached as `address`; `$HOME` there is asked once per process."""
+
+    local = False
+    _homes: dict[Address, str] = {}
+    _homes_lock = threading.Lock()
+
+    def __init__(self, address: Address):
+        self.address = address
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+    def run(self, argv: list[str] | str, stdin: str | None = None, timeout: float = 60,
+            on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None,
+            label: str | None = None) -> Result:
+        command = argv if isinstance(argv, str) else quote(argv)
+        if env:
+            command = " ".join(f"{k}={quote([v])}" for k, v in env.items()) + " " + command
+        return run(self.address, command, stdin=stdin, timeout=timeout, on_line=on_line, label=label)
+
+    def stream(self, argv: list[str]) -> Iterator[str]:
+        return stream(self.address, quote(argv))
+
+    def fetch(self, src_dir: str, names: list[str], dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        rsync.run(rsync.fetch_argv(self, src_dir, dest), str(self), stdin="".join(f"{n}\n" for n in names))
+
+    def expand_home(self, path: str) -> str:
+        if path == "~" or path.startswith("~/"):
+            return self.home() + path[1:]
+        return path
+
+    def home(self) -> str:
+        with self._homes_lock:
+            if self.address in self._homes:
+                return self._homes[self.address]
+        home = self.run('printf %s "$HOME"', timeout=30).stdout.strip()
+        with self._homes_lock:
+            self._homes[self.address] = home
+        return home
+
+    def rsync_endpoint(self, path: str) -> tuple[str, list[str]]:
+        addr = self.address
+        host = f"[{addr.host}]" if ":" in addr.host else addr.host
+        return f"{addr.user + '@' if addr.user else ''}{host}:{path}", ["-e", quote(self.ssh_argv())]
+
+    def ssh_argv(self) -> list[str]:
+        """The `ssh` argv rsync uses: batch mode, connect timeout, SHLVL=1 like our own commands."""
+        addr = self.address
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT_S)}",
+               "-o", "ServerAliveInterval=15", "-o", "SetEnv=SHLVL=1"]
+        if addr.port:
+            cmd += ["-p", str(addr.port)]
+        if addr.key:
+            cmd += ["-i", os.path.expanduser(addr.key)]
+        # A new box's host key is accepted and remembered (as fabric's AutoAddPolicy does); a changed one is refused.
+        cmd += ["-o", "StrictHostKeyChecking=accept-new"]
+        if addr.known_hosts:
+            cmd += ["-o", f"UserKnownHostsFile={addr.known_hosts}"]
+        return cmd

@@ -1,7 +1,7 @@
 """Pure planning for SLURM targets (docs/targets-slurm.md): the sbatch script of a run, rendered by
 submitit's sbatch writer, and what SLURM's answers mean for a run.
 
-Nothing here runs a command; opskit/slurm_client.py does.
+Nothing here runs a command; client.py does.
 """
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from opskit import planning
 from opskit.states import Observation
+from train import contract as C
 
 JOB_SCRIPT = "remote/slurm_job.sh"  # relative to the code dir on the cluster
 SLURM_DIR = "slurm"  # inside the run dir: the sbatch script, SLURM's own logs, the cancel marker
 CANCEL_MARKER = "cancel"  # slurm/cancel: opskit asked to stop; the job ends instead of requeueing
+SBATCH_FILE = "sbatch.sh"  # slurm/sbatch.sh: the submitted script
+JOB_ID_FILE = "job_id"  # slurm/job_id: the SLURM job id
 RDZV_PLACEHOLDER = "{rdzv}"  # replaced on the nodes by <first node>:<port of the job>
 DEFAULT_SIGNAL_S = 120  # USR1 this long before the time limit: time to save a checkpoint
 
@@ -50,7 +53,7 @@ def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env
     gpus = gpus if trainer else min(gpus, 1)
     slurm_dir = f"{run_dir}/{SLURM_DIR}"
     setup = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
-    setup.append(f"rm -f {shlex.quote(run_dir)}/exit_code  # an earlier attempt's")
+    setup.append(f"rm -f {shlex.quote(run_dir)}/{C.EXIT_CODE}  # an earlier attempt's")
     if nodes > 1:
         setup += ['first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                   'export OPSKIT_RDZV="$first_node:$(( 20000 + SLURM_JOB_ID % 20000 ))"']

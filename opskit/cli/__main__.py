@@ -1,0 +1,3 @@
+from opskit.cli.app import main
+
+main()

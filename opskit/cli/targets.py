@@ -1,0 +1,119 @@
+"""Commands on targets: targets add, list, remove, check, prepare."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from opskit.cli.app import open_store, targets_app
+from opskit.cli.output import JSON, emit, key_values, progress
+from opskit.errors import OpsError
+
+
+@targets_app.command("add")
+def targets_add(
+    name: str = typer.Argument(..., help="A short name, e.g. box1."),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="USER@HOST[:PORT] of an SSH box."),
+    slurm: bool = typer.Option(False, "--slurm", help="A SLURM cluster (submission here or via --login)."),
+    key: Optional[str] = typer.Option(None, "--key", help="SSH private key path (never copied or stored)."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Work directory on the target."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs on the box (0: CPU)."),
+    gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="GPUs one run takes (default all)."),
+    python: Optional[str] = typer.Option(None, "--python", help="Trainer python on the target (default: the prepared venv)."),
+    partition: Optional[str] = typer.Option(None, "--partition"),
+    account: Optional[str] = typer.Option(None, "--account"),
+    qos: Optional[str] = typer.Option(None, "--qos"),
+    nodes: Optional[int] = typer.Option(None, "--nodes"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit HH:MM:SS."),
+    login: Optional[str] = typer.Option(None, "--login", help="USER@HOST[:PORT] of a SLURM login node."),
+    known_hosts: Optional[str] = typer.Option(None, "--known-hosts", help="known_hosts file for this box."),
+    base_python: Optional[str] = typer.Option(None, "--base-python", help="python3 on the box that builds the venv."),
+    system_site_packages: bool = typer.Option(False, "--system-site-packages",
+                                              help="Let the venv see the box's packages (a preinstalled torch)."),
+    no_install: bool = typer.Option(False, "--no-install", help="prepare checks only; installs nothing."),
+    torch_index: Optional[str] = typer.Option(None, "--torch-index",
+                                              help="Where prepare gets torch: an index URL or a folder of wheels "
+                                                   "on the box (default: download.pytorch.org for its CUDA)."),
+    agent_python: Optional[str] = typer.Option(None, "--agent-python",
+                                               help="python3 on the box that runs opskit's agent (stdlib only)."),
+    stall_after: Optional[float] = typer.Option(None, "--stall-after", metavar="SECONDS",
+                                                help="A live run with no heartbeat (or no training progress) "
+                                                     "for this long shows stalled (default 300)."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite an existing target of that name."),
+    as_json: bool = JSON,
+):
+    """Register a target.
+
+    Example: opskit targets add box1 --ssh ubuntu@203.0.113.7 --key ~/.ssh/id_ed25519 --gpus 2
+    Example: opskit targets add cluster --slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 24:00:00
+    """
+    from opskit import operations
+    options = {"ssh": ssh, "key": key, "workdir": workdir, "gpus": gpus, "gpus_per_run": gpus_per_run,
+               "python": python, "partition": partition, "account": account, "qos": qos, "nodes": nodes,
+               "gpus_per_node": gpus_per_node, "time": time_limit, "login": login, "known_hosts": known_hosts,
+               "base_python": base_python, "system_site_packages": system_site_packages or None,
+               "no_install": no_install or None, "torch_index": torch_index, "agent_python": agent_python,
+               "stall_after_s": stall_after}
+    kind = "slurm" if slurm else "ssh" if ssh else None
+    if kind is None:
+        raise OpsError("say what the target is: --ssh USER@HOST[:PORT] or --slurm")
+    with open_store() as store:
+        rec = operations.add_target(store, name, kind, {k: v for k, v in options.items() if v is not None}, replace)
+    emit(rec, as_json, lambda r: typer.echo(f"added {r['kind']} target {name}: " + _config_line(r)))
+
+
+def _config_line(rec: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in rec["config"].items())
+
+
+@targets_app.command("list")
+def targets_list(as_json: bool = JSON):
+    """Known targets.
+
+    Example: opskit targets list
+    """
+    from opskit import operations
+    with open_store() as store:
+        rows = operations.list_targets(store)
+    emit(rows, as_json, lambda rows: [typer.echo(f"{t['name']:<16} {t['kind']:<6} {_config_line(t)}") for t in rows])
+
+
+@targets_app.command("remove")
+def targets_remove(name: str = typer.Argument(...), as_json: bool = JSON):
+    """Forget a target (its runs stay in the store).
+
+    Example: opskit targets remove box1
+    """
+    from opskit import operations
+    with open_store() as store:
+        result = operations.remove_target(store, name)
+    emit(result, as_json, lambda r: typer.echo(f"removed target {r['removed']}"))
+
+
+@targets_app.command("check")
+def targets_check(name: str = typer.Argument("local"), as_json: bool = JSON):
+    """Is the target reachable, with python, GPUs and free disk?
+
+    Example: opskit targets check box1
+    """
+    from opskit import operations
+    with open_store() as store:
+        result = operations.check_target(store, name)
+    emit(result, as_json, key_values)
+    if not result.get("reachable", True):
+        raise typer.Exit(1)
+
+
+@targets_app.command("prepare")
+def targets_prepare(name: str = typer.Argument(...),
+                    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout; "
+                                                                          "progress lines go to stderr.")):
+    """Provision a target (venv, trainer dependencies, checks); safe to repeat.
+
+    Example: opskit targets prepare box1
+    """
+    from opskit import operations
+    with open_store() as store:
+        result = operations.prepare_target(store, name, on_line=progress(as_json))
+    emit(result, as_json, lambda r: typer.echo(f"target {name} is ready"))

@@ -1,0 +1,150 @@
+"""launch and the submission of one run (shared with resume): expand a phase, validate every spec
+here, claim the runs in the store, prepare and sync the target once, submit each run."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from opskit import catalog, planning, states
+from opskit.errors import OpsError
+from opskit.operations.targets import get_target
+from opskit.store import Store
+from opskit.targets import Target
+
+Notify = Callable[[str], None]
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: list[int] | None = None,
+           target: str = "local", matrix: str | None = None, rerun: bool = False, dry_run: bool = False,
+           on_event: Notify = quiet, after: list[str] | None = None) -> list[dict]:
+    """Expand the phase, refuse duplicates and bad specs, prepare/sync the target once, then submit
+    each run (local/SSH: its queue's supervisor starts it when GPUs free up; SLURM: sbatch).
+    `after`: runs on the same target that must be done before these start."""
+    m, ph = catalog.resolve_phase(phase, matrix)
+    if not configs and ph.from_gate:
+        from opskit.results.gate import phase_configs
+        configs = phase_configs(store, ph.name, m.name)
+    planned = catalog.expand(m, ph, configs, seeds)
+    tgt = get_target(store, target)
+    after = list(after or [])
+    with store.transaction():  # decide and claim at once: two launches of one run never both start it
+        existing = {p.name: store.get_run(p.name) for p in planned}
+        decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
+        specs = {d.run.name: validated_spec(d.run, tgt.workdir, d.attempt) for d in decisions if d.start}
+        waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run))
+                 for d in decisions if d.start}
+        if dry_run:
+            return [_dry_run_plan(tgt, d, specs.get(d.run.name), waits.get(d.run.name, [])) for d in decisions]
+        to_start = [d for d in decisions if d.start]
+        for d in to_start:
+            store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
+                              "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
+                              "run_dir": tgt.run_dir(d.run.name),
+                              "after": json.dumps(waits[d.run.name]) if waits[d.run.name] else None,
+                              "spec": specs[d.run.name]}, reason=d.reason)
+    out = [{"run": d.run.name, "started": False, "reason": d.reason} for d in decisions if not d.start]
+    if not to_start:
+        return out
+    names = [d.run.name for d in to_start]
+    handed: set[str] = set()
+    try:
+        _set_state(store, names, states.PREPARING, "preparing target")
+        tgt.prepare(on_line=on_event)
+        _set_state(store, names, states.SYNCING, "syncing code")
+        tgt.sync()
+        for d in to_start:
+            out.append(submit_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, after=waits[d.run.name]))
+            handed.add(d.run.name)
+    except BaseException as e:  # Ctrl-C or an error halfway: no run may stay "preparing" for ever
+        _end_unhanded(store, [n for n in names if n not in handed], e, target)
+        raise
+    return out
+
+
+def validated_spec(run: catalog.PlannedRun, workdir: str, attempt: int) -> dict:
+    """The run's spec.json, checked here with the trainer's own schema (train/spec.py; a p2 job's
+    downstream part with train/p2.py), so a bad field fails before any box is touched."""
+    from train.p2 import parse_spec as parse_downstream_spec
+    from train.spec import SpecError, validate
+    spec = planning.build_spec(run, workdir, attempt)
+    try:
+        validate(spec)
+        if "downstream" in spec:
+            parse_downstream_spec(spec)
+    except SpecError as e:
+        raise OpsError(f"{run.name}: {e} (fix matrix {run.matrix} in configs/)") from None
+    return spec
+
+
+def _end_unhanded(store: Store, runs: list[str], error: BaseException, target: str) -> None:
+    """Runs that launch had not handed to the target yet end cancelled (Ctrl-C) or failed (an error)."""
+    if isinstance(error, KeyboardInterrupt):
+        state, reason = states.CANCELLED, "launch interrupted before the run reached the target"
+    else:
+        state, reason = states.FAILED, f"target {target}: {error or type(error).__name__}"
+    for name in runs:
+        store.update_run(name, state=state, reason=reason, ended_at=time.time())
+
+
+def _dry_run_plan(tgt: Target, d: planning.LaunchDecision, spec: dict | None, after: list[str]) -> dict:
+    spec = spec or planning.build_spec(d.run, tgt.workdir, d.attempt)
+    command = tgt.command(d.run.name, spec)
+    return {"run": d.run.name, "start": d.start, "reason": d.reason, "target": tgt.name, "spec": spec,
+            "after": after, "command": command, **tgt.plan(d.run.name, command, d.attempt)}
+
+
+def _sources(store: Store, ph: catalog.Phase, run: catalog.PlannedRun) -> list[str]:
+    """A downstream run waits for the run it evaluates (p2/<config>/s<seed> after p1/<config>/s<seed>)."""
+    if ph.kind != "downstream":
+        return []
+    source = catalog.run_name(ph.after, run.config, run.seed)
+    row = store.get_run(source)
+    if row is None:
+        raise OpsError(f"{run.name} evaluates {source}, which was never launched: launch {ph.after} first")
+    return [] if row["state"] == states.DONE else [source]
+
+
+def _check_after(store: Store, tgt: Target, after: list[str]) -> list[str]:
+    for dep in after:
+        row = store.require_run(dep)
+        if row["target"] != tgt.name:
+            raise OpsError(f"--after {dep}: it runs on {row['target']}, not {tgt.name}; "
+                           f"a run can only wait for runs on its own target")
+    tgt.check_after(after)
+    return list(after)
+
+
+def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
+    for r in runs:
+        store.update_run(r, state=state, reason=reason)
+
+
+def submit_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool,
+               after: list[str] | None = None) -> dict:
+    """Write the spec and submit the run; a failure marks only this run failed."""
+    row = store.require_run(run)
+    spec = {**row["spec"], "attempt": attempt}
+    try:
+        if fresh:
+            tgt.reset(run)
+        tgt.write_spec(run, spec)
+        gpus = (1 if "downstream" in spec else planning.procs_per_run(tgt.config)) if tgt.gpus else None
+        sub = tgt.submit(run, tgt.command(run, spec), attempt, gpus=gpus, after=after or [])
+    except OpsError as e:
+        store.update_run(run, state=states.FAILED, reason=f"start failed: {e}", ended_at=time.time())
+        return {"run": run, "started": False, "reason": str(e)}
+    fields = {"attempt": attempt, "spec": spec, "pid": sub.pid, "job_id": sub.job_id, "ended_at": None,
+              "exit_code": None, "cancel_requested": 0, "stale": 0}
+    if sub.queued:
+        store.update_run(run, state=states.QUEUED, reason=f"queued on {tgt.name} (attempt {attempt})",
+                         queue_pos=sub.position, started_at=None, **fields)
+        return {"run": run, "started": False, "queued": True, "attempt": attempt, "target": tgt.name,
+                "position": sub.position, "seq": sub.seq, "supervisor": sub.supervisor}
+    store.update_run(run, state=states.STARTING, reason=f"started attempt {attempt}", started_at=time.time(),
+                     **fields)
+    return {"run": run, "started": True, "attempt": attempt, "target": tgt.name, "job_id": sub.job_id}

@@ -1,0 +1,89 @@
+"""pull: each run's allowed artifacts into results/raw/<phase>/<config>/seed<k>/ with a manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from opskit.errors import OpsError, TargetUnreachable
+from opskit.operations.launch import Notify, quiet
+from opskit.operations.targets import get_target
+from opskit.results.artifacts import RAW_DIR, run_path
+from opskit.store import Store
+from train import contract as C
+
+MANIFEST = "manifest.json"
+
+
+def pull(store: Store, runs: list[str] | None = None, results_dir: str = "results",
+         on_event: Notify = quiet) -> list[dict]:
+    """Fetch every (or each named) run's pullable files. A file an earlier attempt's pull brought that
+    the run no longer has (a rerun started afresh) is removed, so no report reads an earlier attempt's
+    results; one the box lost within the same attempt (cleaned up after a pull) is kept."""
+    rows = [store.require_run(r) for r in runs] if runs else store.list_runs()
+    out = []
+    for r in rows:
+        try:
+            out.append(_pull_one(store, r, results_dir, on_event))
+        except (TargetUnreachable, OpsError, OSError) as e:  # one run's failure must not stop the others
+            out.append({"run": r["name"], "pulled": 0, "error": str(e)})
+    return out
+
+
+def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict:
+    tgt = get_target(store, r["target"])
+    files = tgt.manifest(r["name"])
+    dest = run_path(Path(results_dir) / RAW_DIR, r["phase"], r["config"], r["seed"])
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = [f for f in files if _needs_fetch(dest / f["path"], f)]
+    if wanted:
+        tgt.fetch(r["name"], [f["path"] for f in wanted], dest)
+    recorded = []
+    for f in files:
+        got = sha256(dest / f["path"])
+        if got != f["sha256"]:  # the file changed between manifest and copy (a live log): record what we have
+            f = {**f, "sha256": got, "size": (dest / f["path"]).stat().st_size}
+        store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
+        recorded.append(f)
+    previous_attempt, previous = _previously_pulled(dest)
+    missing = [f for f in previous if f["path"] not in {g["path"] for g in files}]
+    gone, kept = [], []
+    for f in missing:
+        if previous_attempt != r["attempt"]:  # superseded by a new attempt (a rerun started afresh)
+            (dest / f["path"]).unlink(missing_ok=True)
+            gone.append(f["path"])
+        elif (dest / f["path"]).exists():  # same attempt, gone from the box (cleaned up): ours to keep
+            kept.append(f)
+    store.forget_artifacts(r["name"], gone)
+    C.atomic_write_json(dest / MANIFEST, {"run": r["name"], "target": r["target"], "attempt": r["attempt"],
+                                          "state": r["state"], "pulled_at": time.time(), "files": recorded + kept})
+    removed = f", {len(gone)} of an earlier attempt removed" if gone else ""
+    on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
+    return {"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "removed": gone,
+            "dest": str(dest)}
+
+
+def _previously_pulled(dest: Path) -> tuple[int | None, list[dict]]:
+    """Attempt and files of the last pull into `dest` (its manifest.json), files confined to `dest`."""
+    try:
+        manifest = json.loads((dest / MANIFEST).read_text())
+        files, attempt = list(manifest["files"]), manifest.get("attempt")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, []
+    root = dest.resolve()
+    return attempt, [f for f in files if (dest / f["path"]).resolve().is_relative_to(root)]
+
+
+def sha256(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _needs_fetch(local: Path, remote: dict) -> bool:
+    return not local.exists() or local.stat().st_size != remote["size"] or sha256(local) != remote["sha256"]
