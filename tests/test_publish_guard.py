@@ -338,3 +338,15 @@ def test_the_project_s_own_fixtures_and_docs_hold_no_false_alarm():
     files = [p for d in ("tests/fixtures", "docs", "configs") for p in (root / d).rglob("*") if p.is_file()]
     assert len(files) > 20
     assert {str(p.relative_to(root)): found for p in files if (found := scan_file(p))} == {}
+
+
+def test_a_credential_is_found_wherever_the_scan_seams_fall():
+    """scan_pieces searches up to OVERLAP characters short of what it holds: put that seam at every
+    position of a line with a long variable name, a key and a token."""
+    from opskit.results.credentials import OVERLAP, scan_pieces
+    line = f"export HUGGING_FACE_HUB_TOKEN=hf_{rand(34)} && wandb login {hexkey()}\n"
+    text = "x y\n" * 2000 + line + "z w\n" * 2000  # the first piece must run OVERLAP past each seam
+    at = text.index(line)
+    for seam in range(at - 2, at + len(line) + 2):
+        cut = seam + OVERLAP
+        assert scan_pieces([text[:cut], text[cut:]]) == [(2001, "a HUGGING_FACE_HUB_TOKEN")], seam

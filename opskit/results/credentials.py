@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 OVERLAP = 4096  # characters kept from one piece to the next: longer than any credential looked for
-CONTEXT = 16    # characters before a scanned region that lookbehinds may see
+CONTEXT = 128   # characters before a scanned region that lookbehinds and the name of an assignment may use
 
 # An assignment `NAME = value` / `"name": "value"` is found from its value (a long run that is not a
 # number), then judged by the name before it: tokenizer=, max_tokens=, sha256= are not secrets.
