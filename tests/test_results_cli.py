@@ -50,7 +50,7 @@ def test_import_report_gate_publish(tmp_path):
     weight.write_bytes(b"\0" * 100)
     out = opskit(tmp_path, "publish", "--no-push")
     assert out.returncode == 1 and out.stderr.startswith("error: refusing to publish")
-    assert "Traceback" not in out.stderr and "model.safetensors (checkpoint/weight file)" in out.stderr
+    assert "Traceback" not in out.stderr and "model.safetensors: checkpoint/weight file (name)" in out.stderr
     weight.unlink()
     out = opskit(tmp_path, "publish", "--no-push", "--json")
     assert out.returncode == 0, out.stderr

@@ -1,5 +1,7 @@
 """publish into a real git repository with a bare remote: clean publishes commit and push exactly
-results/; weights, big files and private keys are refused with nothing committed or staged."""
+results/; weights, big files and private keys are refused with nothing committed or staged; commits
+left by --no-push are pushed by the next publish. What the guard refuses by content:
+tests/test_publish_guard.py."""
 import os
 import shutil
 import subprocess
@@ -61,7 +63,8 @@ def test_clean_publish_commits_and_pushes_exactly_results(repo):
     status = git(work, "status", "--porcelain")
     assert " M README.md" in status and "?? notes.txt" in status and "results" not in status
     assert result.pushed_to == "origin/main"
-    with pytest.raises(PublishError, match="nothing to publish"):
+    assert result.pushed_commits == 1 and result.summary.endswith("pushed 1 commit to origin/main")
+    with pytest.raises(PublishError, match="nothing to publish: results/ has no new or changed files and origin/main has every commit"):
         publish(work / "results")
 
 
@@ -77,26 +80,26 @@ def test_no_push_commits_locally(repo):
 def _weight(work: Path) -> str:
     p = work / "results/raw/fx/geo_500k/seed42/model.pt"
     p.write_bytes(b"\0" * 1024)
-    return "results/raw/fx/geo_500k/seed42/model.pt (checkpoint/weight file)"
+    return "results/raw/fx/geo_500k/seed42/model.pt: checkpoint/weight file (name)"
 
 
 def _big(work: Path) -> str:
     p = work / "results/processed/big.csv"
     p.write_bytes(b"1," * (3 * 2**20))  # 6 MiB
-    return "results/processed/big.csv (6.0 MB, over the 5 MB limit)"
+    return "results/processed/big.csv: 6.0 MB, over the 5 MB limit"
 
 
 def _key(work: Path) -> str:
     p = work / "results/raw/fx/geo_500k/seed42/run.log"
     p.write_text(p.read_text() + "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n")
-    return "results/raw/fx/geo_500k/seed42/run.log (looks like a secret (a private key))"
+    return "results/raw/fx/geo_500k/seed42/run.log: what looks like a private key (line 4)"
 
 
 def _optimizer(work: Path) -> str:
     p = work / "results/raw/fx/geo_500k/seed42/ckpt/step_4/__0_0.distcp"
     p.parent.mkdir(parents=True)
     p.write_bytes(b"\0" * 10)
-    return "__0_0.distcp (checkpoint/weight file)"
+    return "ckpt/step_4/__0_0.distcp: checkpoint/weight file (name)"
 
 
 @pytest.mark.parametrize("plant", [_weight, _big, _key, _optimizer])
@@ -106,7 +109,9 @@ def test_refusals_name_the_file_and_commit_nothing(repo, plant):
     before = snapshot(work)
     with pytest.raises(PublishRefused) as err:
         publish(work / "results")
-    assert expected in str(err.value) and "\n" not in str(err.value)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "refusing to publish 1 file (nothing was committed or staged):"
+    assert len(lines) == 2 and expected in lines[1]
     assert snapshot(work) == before  # same HEAD, same status, nothing staged
     assert tree(remote, "main") == {"README.md", ".gitignore"}
 
@@ -123,7 +128,7 @@ def test_every_offender_is_named(repo):
 def test_token_in_a_file_is_refused(repo):
     work, _ = repo
     (work / "results/processed/env.txt").write_text("HF_TOKEN=hf_" + "a1B2" * 9 + "\n")
-    with pytest.raises(PublishRefused, match="env.txt \\(looks like a secret"):
+    with pytest.raises(PublishRefused, match="env.txt: what looks like a HF_TOKEN \\(line 1\\)"):
         publish(work / "results")
 
 
@@ -142,3 +147,43 @@ def test_failed_push_keeps_the_commit_and_says_so(repo):
     with pytest.raises(PublishError, match="committed [0-9a-f]{10} locally, but the push to origin failed"):
         publish(work / "results")
     assert "results/processed/summary.md" in tree(work, "HEAD")
+
+
+def test_publish_after_no_push_pushes_the_earlier_commits(repo):
+    work, remote = repo
+    first = publish(work / "results", push=False)
+    assert git(remote, "rev-parse", "main") != first.commit + "\n"
+    again = publish(work / "results")  # nothing new: the earlier commit still goes out
+    assert again.summary == "nothing new to commit; pushed 1 earlier commit to origin"
+    assert again.pushed_commits == 1 and again.files == [] and again.commit == first.commit
+    assert git(remote, "rev-parse", "main").strip() == first.commit
+    for name in ("a.csv", "b.csv"):  # two more --no-push commits, then a publish with something new
+        (work / "results/processed" / name).write_text("x,y\n1,2\n")
+        publish(work / "results", push=False)
+    (work / "results/processed/c.csv").write_text("x,y\n3,4\n")
+    last = publish(work / "results")
+    assert last.pushed_commits == 3 and last.summary.endswith("; pushed 3 commits (2 earlier) to origin/main")
+    assert git(remote, "rev-parse", "main").strip() == last.commit
+    assert {"results/processed/a.csv", "results/processed/b.csv", "results/processed/c.csv"} <= tree(remote, "main")
+    with pytest.raises(PublishError, match="origin/main has every commit"):
+        publish(work / "results")
+
+
+def test_an_earlier_unpushed_commit_is_checked_before_it_is_pushed(repo):
+    work, remote = repo
+    publish(work / "results")
+    weights = work / "results/raw/fx/geo_500k/seed42/weights.dat"  # committed by hand, past the guard
+    weights.write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }" + b" " * 47 + b"\n" + b"\0" * 16)
+    git(work, "add", str(weights))
+    git(work, "commit", "--quiet", "-m", "by hand")
+    bad = git(work, "rev-parse", "HEAD").strip()
+    weights.unlink()
+    git(work, "commit", "--quiet", "-am", "removed again, but still in the history")
+    before = snapshot(work)
+    with pytest.raises(PublishRefused) as err:
+        publish(work / "results")
+    lines = str(err.value).splitlines()
+    assert lines[0] == ("refusing to push: 1 file in earlier commits not on origin yet (nothing was committed, staged "
+                        "or pushed); take them out of the branch first (git rebase -i origin/main):")
+    assert lines[1] == f"  results/raw/fx/geo_500k/seed42/weights.dat in commit {bad[:10]}: numpy .npy array"
+    assert snapshot(work) == before and git(remote, "rev-parse", "main").strip() != before[0].strip()

@@ -75,5 +75,42 @@ class GitRepo:
             return "origin"
         raise GitError("no git remote to push to: add one (git remote add origin URL) or pass --no-push")
 
-    def push(self, remote: str, branch: str) -> None:
-        self.git("push", "--quiet", remote, f"HEAD:refs/heads/{branch}")
+    def unpushed(self, remote: str) -> list[str]:
+        """Commits of HEAD on none of `remote`'s branches as this clone last saw them, newest first."""
+        return self.git("rev-list", "HEAD", "--not", f"--remotes={remote}").split()
+
+    def new_blobs(self, commits: list[str], pathspec: str) -> list[tuple[str, str, str, str]]:
+        """(commit, path, mode, blob) of each file under pathspec that `commits` add or change."""
+        out = []
+        for commit in commits:
+            raw = self.git("diff-tree", "-r", "-z", "--root", "--no-commit-id", "--diff-filter=AMRCT", commit, "--", pathspec)
+            fields, i = raw.split("\0"), 0
+            while i < len(fields) - 1:
+                meta = fields[i].split()  # ":old_mode new_mode old_blob new_blob status"
+                if len(meta) < 5:
+                    break
+                step = 3 if meta[4][0] in "RC" else 2  # a rename or copy names its source, then its path
+                out.append((commit, fields[i + step - 1], meta[1], meta[3]))
+                i += step
+        return out
+
+    def write_blob(self, blob: str, dest: Path) -> None:
+        with open(dest, "wb") as f:
+            out = subprocess.run(["git", "cat-file", "blob", blob], cwd=self.root, stdout=f, stderr=subprocess.PIPE)
+        if out.returncode:
+            raise GitError(f"git cat-file failed: {out.stderr.decode(errors='replace').strip()}")
+
+    def push(self, remote: str, branch: str, pending: list[str]) -> int:
+        """Push HEAD to remote's `branch`; the number of commits it sent (`pending`: what
+        `unpushed` said before, for a branch the remote did not have)."""
+        out = self.git("push", "--porcelain", remote, f"HEAD:refs/heads/{branch}")
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].endswith(f"refs/heads/{branch}"):
+                flag, summary = parts[0], parts[2]
+                if flag == "=":
+                    return 0
+                if ".." in summary and flag in " +":
+                    old, new = summary.replace("...", "..").split("..")
+                    return int(self.git("rev-list", "--count", f"{old}..{new}").strip())
+        return len(pending)

@@ -1,30 +1,26 @@
 """`opskit publish`: commit results/ (raw artifacts, tables, figures) and push it, refusing weights,
-big files and anything that looks like a secret. A refusal changes nothing: no file, no index entry."""
+big files and anything that looks like a secret, judged by each file's bytes as well as its name
+(opskit/results/content_guard.py). A refusal changes nothing: no commit, no index entry."""
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from opskit.errors import OpsError
+from opskit.results.content_guard import scan_file
 from opskit.results.git_repo import GitRepo
 from train.contract import run_name
 
 DEFAULT_MAX_MB = 5.0
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".distcp", ".pkl", ".pickle", ".npz", ".h5", ".gguf")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".distcp", ".pkl", ".pickle", ".npy", ".npz",
+                   ".h5", ".hdf5", ".gguf", ".ggml", ".onnx", ".tflite", ".keras", ".joblib", ".msgpack")
 CHECKPOINT_DIRS = re.compile(r"^(ckpt|checkpoints?|step_\d+)$")
 OPTIMIZER_NAME = re.compile(r"(^|[_.-])optim(izer)?([_.-]|$)", re.IGNORECASE)
-SECRET_NAMES = re.compile(r"^(id_(rsa|dsa|ecdsa|ed25519)|\.env(\..*)?|\.netrc|credentials(\..*)?|.*\.(pem|key|p12|pfx))$")
-SECRET_TEXT = [
-    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY( BLOCK)?-----")),
-    ("a GitHub token", re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})")),
-    ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30,}")),
-    ("an AWS access key", re.compile(r"\bAKIA[0-9A-Z]{16}\b")),
-    ("a Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
-    ("an API key", re.compile(r"\bsk-[A-Za-z0-9_-]{32,}")),
-    ("a credential assignment", re.compile(r"(?i)\b(api[_-]?key|secret|token|password|passwd)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9_\-/+=]{16,}")),
-]
-SCAN_BYTES = 2 << 20  # secrets are looked for in the first 2 MiB of each file
+SECRET_NAMES = re.compile(r"^(id_(rsa|dsa|ecdsa|ed25519)|\.env(\..*)?|.*\.env|\.envrc|\.netrc|_netrc|\.pgpass|"
+                          r"\.git-credentials|\.pypirc|credentials(\..*)?|.*\.(pem|key|p12|pfx|jks|keystore))$", re.IGNORECASE)
+MAX_REASONS = 3  # credential lines named per file
 
 
 class PublishError(OpsError):
@@ -32,7 +28,9 @@ class PublishError(OpsError):
 
 
 class PublishRefused(PublishError):
-    pass
+    def __init__(self, message: str, refused: dict[str, list[str]]):
+        super().__init__(message)
+        self.refused = refused  # path -> reasons
 
 
 @dataclass
@@ -42,30 +40,70 @@ class PublishResult:
     runs: list[str]
     phases: list[str]
     pushed_to: str | None = None
+    pushed_commits: int = 0  # commits the push sent: this one and earlier unpushed ones
+    summary: str = ""        # the one line to show
     notes: list[str] = field(default_factory=list)
 
 
-def problem(path: Path, rel: str, max_bytes: int) -> str | None:
-    """Why `path` must not be published, or None."""
+def problems(path: Path, rel: str, max_bytes: int) -> list[str]:
+    """Why `path` (shown as `rel`) must not be published: its name, its format, its size, the
+    credentials in it. Empty when it may be published."""
     parts = PurePosixPath(rel).parts
     name = parts[-1]
+    if path.is_symlink():
+        return ["a symlink"]
+    reasons = []
     if name.lower().endswith(WEIGHT_SUFFIXES):
-        return "checkpoint/weight file"
-    if any(CHECKPOINT_DIRS.match(p) for p in parts[:-1]):
-        return "inside a checkpoint directory"
-    if OPTIMIZER_NAME.search(PurePosixPath(name).stem):
-        return "optimizer state"
+        reasons.append("checkpoint/weight file (name)")
+    elif any(CHECKPOINT_DIRS.match(p) for p in parts[:-1]):
+        reasons.append("inside a checkpoint directory")
+    elif OPTIMIZER_NAME.search(PurePosixPath(name).stem):
+        reasons.append("optimizer state")
     if SECRET_NAMES.match(name):
-        return "looks like a secret (file name)"
+        reasons.append("looks like a secret (file name)")
     size = path.stat().st_size
-    if size > max_bytes:
-        return f"{size / 2**20:.1f} MB, over the {max_bytes / 2**20:g} MB limit"
-    with open(path, "rb") as f:
-        text = f.read(SCAN_BYTES).decode("utf-8", errors="ignore")
-    for what, pattern in SECRET_TEXT:
-        if pattern.search(text):
-            return f"looks like a secret ({what})"
-    return None
+    too_big = size > max_bytes
+    found = scan_file(path, limit=MAX_REASONS + 1, credentials=not (reasons or too_big))
+    reasons += [str(f) for f in found[:MAX_REASONS]] + (["and more"] if len(found) > MAX_REASONS else [])
+    if too_big:
+        reasons.append(f"{size / 2**20:.1f} MB, over the {max_bytes / 2**20:g} MB limit")
+    return reasons
+
+
+def refusal(refused: dict[str, list[str]], head: str | None = None) -> PublishRefused:
+    """One line saying what was refused, then one line per file: `path: reason; reason`."""
+    n = f"{len(refused)} file{'s' if len(refused) > 1 else ''}"
+    head = head.format(n=n) if head else f"refusing to publish {n} (nothing was committed or staged):"
+    return PublishRefused("\n".join([head, *(f"  {rel}: {'; '.join(why)}" for rel, why in refused.items())]), refused)
+
+
+def check_worktree(repo: GitRepo, files: list[str], max_bytes: int) -> dict[str, list[str]]:
+    refused = {}
+    for f in files:
+        path = repo.root / f
+        if (path.is_file() or path.is_symlink()) and (why := problems(path, f, max_bytes)):
+            refused[f] = why
+    return refused
+
+
+def check_unpushed(repo: GitRepo, commits: list[str], rel: str, max_bytes: int) -> dict[str, list[str]]:
+    """The same check over what earlier unpushed commits (--no-push, by hand) hold under `rel`."""
+    refused, seen = {}, set()
+    with tempfile.TemporaryDirectory(prefix="opskit-publish-") as tmp:
+        for commit, path, mode, blob in repo.new_blobs(commits, rel):
+            if blob in seen or mode == "160000":  # a submodule is no file of ours
+                continue
+            seen.add(blob)
+            shown = f"{path} in commit {commit[:10]}"
+            if mode == "120000":
+                refused[shown] = ["a symlink"]
+                continue
+            copy = Path(tmp) / PurePosixPath(path).name
+            repo.write_blob(blob, copy)
+            if why := problems(copy, path, max_bytes):
+                refused[shown] = why
+            copy.unlink()
+    return refused
 
 
 def runs_and_phases(files: list[str], results_rel: str) -> tuple[list[str], list[str]]:
@@ -98,21 +136,23 @@ def publish(results_dir: Path, message: str | None = None, push: bool = True, ma
     rel = results_dir.relative_to(repo.root.resolve()).as_posix()
     changed = repo.changed_files(rel)
     max_bytes = int(max_mb * 2**20)
-    offending = []
-    for f in changed:
-        path = repo.root / f
-        if path.is_file() and not path.is_symlink() and (why := problem(path, f, max_bytes)):
-            offending.append(f"{f} ({why})")
-        elif path.is_symlink():
-            offending.append(f"{f} (a symlink)")
-    if offending:
-        raise PublishRefused(f"refusing to publish, nothing was committed: {'; '.join(offending)}")
-    if not changed:
-        raise PublishError(f"nothing to publish: {rel}/ has no new or changed files")
-    target = None
-    if push:  # before committing, so a missing remote leaves everything as it was
+    if refused := check_worktree(repo, changed, max_bytes):
+        raise refusal(refused)
+    remote = branch = None
+    pending: list[str] = []
+    if push:  # before committing, so a missing remote or a bad earlier commit leaves everything as it was
         branch = repo.branch()
-        target = (repo.remote_for(branch), branch)
+        remote = repo.remote_for(branch)
+        pending = repo.unpushed(remote)
+        if refused := check_unpushed(repo, pending, rel, max_bytes):
+            raise refusal(refused, f"refusing to push: {{n}} in earlier commits not on {remote} yet (nothing was "
+                                   f"committed, staged or pushed); take them out of the branch first "
+                                   f"(git rebase -i {remote}/{branch}):")
+    if not changed:
+        if not pending:
+            where = f" and {remote}/{branch} has every commit" if push else ""
+            raise PublishError(f"nothing to publish: {rel}/ has no new or changed files{where}")
+        return _push_only(repo, remote, branch, pending)
     repo.add(rel)
     files = repo.staged(rel)
     if not files:
@@ -124,12 +164,30 @@ def publish(results_dir: Path, message: str | None = None, push: bool = True, ma
         repo.unstage(rel)
         raise
     result = PublishResult(commit=commit, files=files, runs=runs, phases=phases)
-    if target:
-        remote, branch = target
-        try:
-            repo.push(remote, branch)
-        except OpsError as e:
-            raise PublishError(f"committed {commit[:10]} locally, but the push to {remote} failed ({e}); "
-                               f"push later with: git push {remote} {branch}") from None
+    result.summary = (f"committed {commit[:10]}: {len(files)} files, {len(runs)} runs, "
+                      f"phases {', '.join(phases) or '-'}")
+    if remote:
+        result.pushed_commits = _push(repo, remote, branch, [commit, *pending], f"committed {commit[:10]} locally, but")
         result.pushed_to = f"{remote}/{branch}"
+        earlier = f" ({result.pushed_commits - 1} earlier)" if result.pushed_commits > 1 else ""
+        result.summary += f"; pushed {_commits(result.pushed_commits)}{earlier} to {result.pushed_to}"
     return result
+
+
+def _commits(n: int) -> str:
+    return f"{n} commit{'s' if n != 1 else ''}"
+
+
+def _push(repo: GitRepo, remote: str, branch: str, pending: list[str], done: str) -> int:
+    try:
+        return repo.push(remote, branch, pending)
+    except OpsError as e:
+        raise PublishError(f"{done} the push to {remote} failed ({e}); push later with: git push {remote} {branch}") from None
+
+
+def _push_only(repo: GitRepo, remote: str, branch: str, pending: list[str]) -> PublishResult:
+    """Nothing new to commit, but earlier commits (publish --no-push) are not on the remote yet."""
+    n = _push(repo, remote, branch, pending, f"nothing new to commit and {_commits(len(pending))} to push, but")
+    summary = f"nothing new to commit; pushed {n} earlier commit{'s' if n != 1 else ''} to {remote}"
+    return PublishResult(commit=pending[0], files=[], runs=[], phases=[], pushed_to=f"{remote}/{branch}",
+                         pushed_commits=n, summary=summary)
