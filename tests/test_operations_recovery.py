@@ -240,3 +240,18 @@ def test_a_target_records_its_stall_threshold_and_a_slurm_workdir_beside_the_sto
     assert rec["config"]["workdir"] == str(store.path.resolve().parent / ".opskit" / "hpc")
     with pytest.raises(OpsError, match="at least 30 s"):
         operations.add_target(store, "hpc2", "slurm", {"stall_after_s": 5})
+
+
+def test_pull_says_when_a_pulled_log_holds_a_credential(store, tmp_path):
+    add_run(store, states.DONE)
+    run_dir = Path(operations.get_target(store, "local").run_dir(RUN))
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text("{}")
+    (run_dir / "run.log").write_text("loading\nWANDB_API_KEY=" + "0123456789abcdef" * 2 + "01234567\nstep 1\n")
+    said: list[str] = []
+    [out] = operations.pull(store, [RUN], results_dir=str(tmp_path / "results"), on_event=said.append)
+    assert out["credential_warnings"] == [f"{RUN}: run.log contains what looks like a WANDB_API_KEY (line 2); "
+                                          f"do not publish it as is"]
+    assert f"warning: {out['credential_warnings'][0]}" in said
+    [again] = operations.pull(store, [RUN], results_dir=str(tmp_path / "results"))  # nothing new: said once
+    assert again["credential_warnings"] == []

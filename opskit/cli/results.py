@@ -106,9 +106,7 @@ def publish(message: Optional[str] = typer.Option(None, "--message", "-m", help=
 
     from opskit.results.publish import publish as publish_results
     result = publish_results(Path(results_dir), message, push=not no_push, max_mb=max_mb)
-    emit(result.__dict__, as_json, lambda r: typer.echo(
-        f"committed {r['commit'][:10]}: {len(r['files'])} files, {len(r['runs'])} runs, "
-        f"phases {', '.join(r['phases']) or '-'}" + (f"; pushed to {r['pushed_to']}" if r["pushed_to"] else "")))
+    emit(result.__dict__, as_json, lambda r: typer.echo(r["summary"]))
 
 
 @app.command("import")

@@ -10,6 +10,7 @@ from opskit.errors import OpsError, TargetUnreachable
 from opskit.operations.launch import Notify, quiet
 from opskit.operations.targets import get_target
 from opskit.results.artifacts import RAW_DIR, run_path
+from opskit.results.content_guard import credential_warnings
 from opskit.store import Store
 from train import contract as C
 
@@ -60,8 +61,11 @@ def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict
                                           "state": r["state"], "pulled_at": time.time(), "files": recorded + kept})
     removed = f", {len(gone)} of an earlier attempt removed" if gone else ""
     on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
+    warnings = [f"{r['name']}: {w}; do not publish it as is" for w in credential_warnings(dest, [f["path"] for f in wanted])]
+    for w in warnings:
+        on_event(f"warning: {w}")
     return {"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "removed": gone,
-            "dest": str(dest)}
+            "dest": str(dest), "credential_warnings": warnings}
 
 
 def _previously_pulled(dest: Path) -> tuple[int | None, list[dict]]:
