@@ -45,6 +45,7 @@ class Target:
         self.name = name
         self.config = config
         self.shell = shell or shell_for(config)
+        self._synced = False  # code pushed in this process (a launch's prepare already did)
 
     @classmethod
     def config_from_options(cls, options: dict) -> dict:
@@ -134,10 +135,10 @@ class Target:
 
     def sync(self) -> None:
         """Bring the project's code to <workdir>/code (nothing to do where it runs in place)."""
-        if self.in_place or getattr(self, "_synced", False):
+        if self.in_place or self._synced:
             return
         rsync.push_code(self.shell, PROJECT_ROOT, self.code_dir)
-        self._synced = True  # once per process: a launch's prepare already did
+        self._synced = True
 
     def prepare(self, on_line=print) -> None:
         """Make the target able to run the trainer; idempotent. In place: check this python can import
