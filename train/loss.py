@@ -24,8 +24,8 @@ LIGER = "liger"
 IMPLS = (CHUNKED, CHUNKED_COMPILED, LIGER)
 ENV_OVERRIDE = "OPSKIT_LOSS"
 
-try:  # optional CUDA extra
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+try:  # optional CUDA extra `fused`
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 except ImportError:
     LigerFusedLinearCrossEntropyLoss = None
 
