@@ -169,3 +169,33 @@ def test_meta_device_build_trains_with_exact_rope():
 def test_benchmark_times_the_trainers_own_step():
     *_, out = run_child("bench", None, str(ROOT / "benchmarks"))
     assert out == {"calls": 1 + 2}  # warm-up + timed steps, all through train.step.train_step
+
+
+def test_step_timer_leaves_each_attempts_warm_up_out_of_the_steady_figures():
+    import time as _time
+    import torch
+    from train.step import STEADY_AFTER_STEPS, StepTimer
+    timer = StepTimer(torch.device("cpu"), total_s=10.0, steady_s=4.0, steady_steps=2)  # a resumed attempt
+    durations = []
+    for _ in range(STEADY_AFTER_STEPS + 2):
+        timer.begin()
+        _time.sleep(0.01)
+        durations.append(timer.end())
+    assert timer.steady_steps == 2 + 2
+    assert timer.steady_s == pytest.approx(4.0 + sum(durations[STEADY_AFTER_STEPS:]))
+    assert timer.total_s == pytest.approx(10.0 + sum(durations))
+
+
+def test_gc_is_off_in_the_train_loop_and_back_on_after():
+    import gc
+    from train.step import gc_controlled
+    with gc_controlled():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_eval_shards_pad_every_rank_to_the_same_count():
+    from train.distributed import shard_indices
+    shards = [shard_indices(5, r, 2) for r in range(2)]
+    assert shards == [[0, 2, 4], [1, 3, 3]]  # rank 1 repeats its last chunk (discarded on gathering)
+    assert shard_indices(1, 1, 2) == [0] and shard_indices(4, 0, 1) == [0, 1, 2, 3]
