@@ -146,6 +146,7 @@ def measure(variant: str, spec, dist_info, warmup_steps: int, steps: int) -> dic
     cuda = device.type == "cuda"
     cfg = presets.get_preset(spec.preset)
     torch._dynamo.reset()  # each measurement compiles for its own shapes (no dynamic-shape recompiles)
+    gc.collect()  # the previous measurement's model, held by compiled code until the reset
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
