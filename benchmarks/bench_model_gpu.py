@@ -1,134 +1,90 @@
-"""Time the model on a GPU box: forward+backward at batch x seq_len tokens, and PPL@eval_len.
+"""Perplexity at a long evaluation length on one GPU, with the model exactly as the trainer builds and
+evaluates it (train.run.build_model, train.evaluate.evaluate_lengths): time and peak memory.
 
-Prints throughput, MFU (flops_per_token x tokens/s / peak), eval time and peak memory. Written for
-one H100 in bf16 (the issue's bar: PPL@32768 of the 1.5B preset fits in 80 GB); --device cpu with
---preset tiny --dtype fp32 is a smoke run.
+Training throughput is bench_train_gpu.py's (the trainer's own step). The spec comes from the
+catalog as there (--matrix/--phase/--config, default the 1.5B plan); the weights are the seed's
+random initialisation, so the loss is ~ln(vocab): this measures time and memory, not quality.
 
-Example:
-    python benchmarks/bench_model_gpu.py --preset 1.5B --batch 4 --seq-len 2048 --eval-len 32768
+Example (an H100: does PPL@32768 of the 1.5B preset fit, and how long does a chunk take?):
+    python benchmarks/bench_model_gpu.py --eval-len 32768 --eval-chunks 2
+
+Smoke run on a CPU:
+    python benchmarks/bench_model_gpu.py --device cpu --matrix demo --phase demo --eval-len 256 --eval-chunks 1
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
-import torch
 
-import train.model as model_mod
-from train.evaluate import evaluate_lengths
-from train.model import build_model
-from train.mfu import mfu, peak_flops
-from train.presets import PRESETS, flops_per_token, get_preset, param_count
-from train.run import adamw
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from bench_train_gpu import add_spec_args, bench_spec, emit, prepare
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="1.5B", choices=list(PRESETS))
-    p.add_argument("--spectrum", default="geo_500k", help="RoPE spectrum name (train/spectra.py)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--eval-len", type=int, default=32768, help="evaluation length in tokens (0: skip)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_spec_args(p)
+    p.add_argument("--eval-len", type=int, default=32768, help="evaluation length in tokens")
     p.add_argument("--eval-chunks", type=int, default=2, help="chunks at --eval-len")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="parameter and activation dtype")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
-    p.add_argument("--peak-flops", type=float, default=None,
-                   help="for MFU, FLOP/s (default: train/mfu.py's table for this GPU and dtype)")
-    p.add_argument("--json", action="store_true", help="also print each measurement as one JSON line")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the code paths")
+    p.add_argument("--json", action="store_true", help="also print the measurement as one JSON line")
     return p.parse_args(argv)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def measure_eval(spec, dist_info, eval_len: int, chunks: int) -> dict:
+    import torch
+    from train.attention import describe
+    from train.evaluate import evaluate_lengths
+    from train.model import Attention
+    from train.run import build_model, plan_model
+    from train.step import sync
 
-
-def peak_memory_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
-
-def fmt_gib(value: float | None) -> str:
-    return "n/a (not CUDA)" if value is None else f"{value:.1f} GiB"
-
-
-def emit(args, row: dict) -> None:
-    if args.json:
-        print(json.dumps(row), flush=True)
-
-
-def bench_training(model, cfg, args, device) -> None:
-    opt = adamw(model, 1e-4, 0.1, fused=device.type == "cuda")
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    dt = (time.perf_counter() - t0) / args.steps
-    tok_s = args.batch * args.seq_len / dt
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = args.peak_flops or peak_flops(gpu, args.dtype)
-    util = mfu(flops_per_token(cfg, args.seq_len), tok_s, peak, 1)
-    mem = peak_memory_gib(device)
-    print(f"train  {args.batch} x {args.seq_len} tokens: {dt * 1e3:.0f} ms/step (fwd+bwd+AdamW), "
-          f"{tok_s:,.0f} tokens/s, MFU {'n/a' if util is None else f'{util:.1%}'}, peak memory {fmt_gib(mem)}",
-          flush=True)
-    emit(args, {"measure": "train", "preset": cfg.name, "dtype": args.dtype, "batch": args.batch,
-                "seq_len": args.seq_len, "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": util,
-                "peak_mem_gib": mem, "loss": loss.item(), "gpu": gpu})
-    del opt
-
-
-def bench_eval(model, cfg, args, device, dtype) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    n = args.eval_chunks * args.eval_len + 1
-    val = np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(np.uint32)
+    device = dist_info.device
+    cuda = device.type == "cuda"
+    plan = plan_model(spec)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, _, dtype, kernels = build_model(plan, spec, dist_info)
+    backend = next(m.backend for m in model.modules() if isinstance(m, Attention))
+    val = np.random.default_rng(0).integers(0, plan.cfg.vocab_size, chunks * eval_len + 1).astype(np.uint32)
     sync(device)
     t0 = time.perf_counter()
-    out = evaluate_lengths(model, val, [args.eval_len], chunks=args.eval_chunks, mode="sequential",
-                           seed=0, device=device, dtype=dtype)
+    out = evaluate_lengths(model, val, [eval_len], chunks=chunks, mode="sequential", seed=0, device=device,
+                           dtype=torch.float32)  # as train.run: FSDP2's policy computes in `dtype`
     sync(device)
     dt = time.perf_counter() - t0
-    row = out["lengths"][str(args.eval_len)]
+    row = out["lengths"][str(eval_len)]
     if "loss" not in row:
-        raise SystemExit(f"eval at {args.eval_len} was skipped: {row}")
-    mem = peak_memory_gib(device)
-    print(f"eval   PPL@{args.eval_len}: {dt:.1f} s for {args.eval_chunks} chunks "
-          f"({dt / args.eval_chunks:.1f} s/chunk), loss {row['loss']:.3f}, peak memory {fmt_gib(mem)}", flush=True)
-    emit(args, {"measure": "eval", "preset": cfg.name, "dtype": args.dtype, "eval_len": args.eval_len,
-                "chunks": args.eval_chunks, "time_s": dt, "loss": row["loss"], "peak_mem_gib": mem})
+        raise SystemExit(f"eval at {eval_len} was skipped: {row}")
+    result = {"measure": "eval", "preset": spec.preset, "eval_len": eval_len, "chunks": chunks, "time_s": dt,
+              "s_per_chunk": dt / chunks, "loss": row["loss"],
+              "attention_backend": describe(backend, device, dtype, (1, eval_len, plan.cfg.n_heads, plan.cfg.head_dim)),
+              "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+              # not held here; a run's evaluation has it too (fp32 AdamW moments, sharded over the ranks)
+              "optimizer_state_gib": 8 * sum(p.numel() for p in model.parameters()) / 2**30,
+              "gpu": torch.cuda.get_device_name(device) if cuda else None}
+    del model
+    return result
 
 
-def main(argv=None) -> None:
+def format_eval(r: dict) -> str:
+    mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
+    return (f"{r['preset']:>5} eval     PPL@{r['eval_len']}: {r['time_s']:.1f} s for {r['chunks']} chunks "
+            f"({r['s_per_chunk']:.1f} s/chunk), loss {r['loss']:.3f}, peak {mem} "
+            f"(+{r['optimizer_state_gib']:.1f} GiB optimizer state in a run)  [{r['attention_backend']}]")
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    cfg = get_preset(args.preset)
-    torch.manual_seed(0)
-    model = build_model(cfg, args.spectrum, device=device).to(dtype)
-    if args.compile:
-        for block in model.blocks:
-            block.compile()
-    flash = model_mod.flash_attn_func is not None and device.type == "cuda" and dtype != torch.float32
-    print(f"preset {cfg.name}: {param_count(cfg):,} parameters; {args.dtype} on {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
-          f"attention: {'flash-attn' if flash else 'scaled_dot_product_attention'}")
-    bench_training(model, cfg, args, device)
-    model.zero_grad(set_to_none=True)
-    if args.eval_len:
-        bench_eval(model, cfg, args, device, dtype)
+    from train.distributed import shutdown
+    dist_info = prepare(args.device)
+    r = measure_eval(bench_spec(args), dist_info, args.eval_len, args.eval_chunks)
+    emit([], r, args.json, format_eval(r))
+    shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,8 +30,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def measure_passkey(args) -> list[dict]:
+    """One row per length: wall time and peak CUDA memory of evaluate_passkey on a fresh model."""
     import torch
 
     from train.data.tokenizer import DEMO_BPE, load_tokenizer
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     tok = load_tokenizer(DEMO_BPE, args.cache_dir)
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
-    model = build_model(cfg, args.spectrum, device=device).to(dtype).eval()
+    model = build_model(cfg, args.spectrum, device=device).to(dtype).eval()  # as p2 (RoPE stays fp64)
     runner = ModelRunner(model, device, batch_size=args.batch_size)
     rows = []
     for length in args.lengths:
@@ -55,18 +55,26 @@ def main(argv=None) -> None:
         result = evaluate_passkey(runner, tok, [length], args.depths, args.trials, args.candidates)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        row = {
-            "preset": args.preset, "spectrum": args.spectrum, "length": length, "dtype": args.dtype,
-            "cells": len(args.depths), "trials": args.trials, "candidates": args.candidates,
-            "time_s": round(time.perf_counter() - t0, 2),
-            "time_per_trial_s": round((time.perf_counter() - t0) / (len(args.depths) * args.trials), 3),
+        elapsed = time.perf_counter() - t0
+        rows.append({
+            "measure": "passkey", "preset": args.preset, "spectrum": args.spectrum, "length": length,
+            "dtype": args.dtype, "cells": len(args.depths), "trials": args.trials, "candidates": args.candidates,
+            "time_s": round(elapsed, 2),
+            "time_per_trial_s": round(elapsed / (len(args.depths) * args.trials), 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
             "ll_acc": result["by_length"].get(str(length), {}).get("ll_acc"),
             "gen_acc": result["by_length"].get(str(length), {}).get("gen_acc"),
             "skipped": result["skipped"],
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        }
-        rows.append(row)
+        })
+    del model, runner
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rows = measure_passkey(args)
+    for row in rows:
         print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:

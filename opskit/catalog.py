@@ -175,6 +175,9 @@ def _load_file(path: Path) -> Matrix:
         v.fail(f"train.{sorted(extra)[0]}", f"unknown training field (valid: {', '.join(_TRAIN_FIELDS)}, compile, activation_checkpointing)")
     if train["dtype"] not in DTYPES:
         v.fail("train.dtype", f"must be one of {', '.join(DTYPES)}")
+    compile_setting = train.setdefault("compile", "auto")
+    if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
+        v.fail("train.compile", "must be true, false or auto (on for CUDA, off for CPU)")
 
     ev = v.get(data, "eval", "", dict)
     lengths = v.get(ev, "lengths", "eval", list)
@@ -365,7 +368,7 @@ def expand(m: Matrix, phase: Phase, configs: list[str] | None = None, seeds: lis
                 "train_tokens": tokens,
                 **{k: m.train[k] for k in ("seq_len", "micro_batch", "grad_accum", "lr", "warmup_frac",
                                            "weight_decay", "grad_clip", "dtype")},
-                "compile": bool(m.train.get("compile", False)),
+                "compile": m.train.get("compile", "auto"),
                 "activation_checkpointing": bool(m.train.get("activation_checkpointing", False)),
                 "eval": {"lengths": list(phase.eval_lengths or m.eval["lengths"]), "chunks": m.eval["chunks"],
                          "mode": m.eval["mode"]},

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,31 +26,50 @@ def run_bench(script: str, *args: str, tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def test_bench_train_variants_train_the_same_model(tmp_path):
-    common = ["--device", "cpu", "--presets", "tiny", "--seq-len", "64", "--micro-batch", "2",
+DEMO_SPEC = ["--device", "cpu", "--matrix", "demo", "--phase", "demo", "--config", "geo_500k"]
+
+
+def test_bench_train_trainer_and_seed_train_the_same_model(tmp_path):
+    common = [*DEMO_SPEC, "--seq-len", "64", "--micro-batch", "2", "--grad-accum", "2",
               "--warmup-steps", "1", "--steps", "2", "--json"]
-    rows = run_bench("bench_train_gpu.py", *common, "--variants", "legacy", "fsdp2", tmp_path=tmp_path)
+    rows = run_bench("bench_train_gpu.py", *common, tmp_path=tmp_path)
     # The trainer's compile and activation-checkpointing path under FSDP2, as a spec can ask for it.
-    rows += run_bench("bench_train_gpu.py", *common, "--variants", "fsdp2-compile", "--activation-checkpointing",
-                      tmp_path=tmp_path)
-    assert [r["variant"] for r in rows] == ["legacy", "fsdp2", "fsdp2-compile"]
+    rows += run_bench("bench_train_gpu.py", *common, "--variants", "trainer", "--compile", "on",
+                      "--activation-checkpointing", "on", tmp_path=tmp_path)
+    ratio = rows.pop(2)
+    assert [r["variant"] for r in rows] == ["trainer", "seed", "trainer"]
+    assert ratio["trainer_over_seed_tokens_per_s"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
     for r in rows:
-        assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
+        assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["grad_accum"] == 2
         assert r["mfu"] is None and r["peak_mem_gib"] is None  # no peak or CUDA memory on a CPU
         assert math.isfinite(r["loss"])
+    assert rows[2]["compile"] is True and rows[2]["activation_checkpointing"] is True
+    assert rows[2]["loss_impl"] == "chunked_compiled" and rows[0]["attention_backend"].startswith("sdpa:")
     losses = [r["loss"] for r in rows]
-    # Same seed, tokens and steps: legacy (bf16 autocast) and fsdp2 (fp32 on CPU) agree to bf16 precision.
+    # Same seed, tokens and steps: seed (bf16 autocast) and trainer (fp32 on CPU) agree to bf16 precision.
     assert max(losses) - min(losses) < 0.02, losses
 
 
-def test_bench_model_reports_train_and_long_eval(tmp_path):
-    rows = run_bench("bench_model_gpu.py", "--device", "cpu", "--preset", "tiny", "--dtype", "fp32",
-                     "--batch", "2", "--seq-len", "64", "--steps", "2", "--warmup", "1",
-                     "--eval-len", "256", "--eval-chunks", "1", "--json", tmp_path=tmp_path)
-    train, evaluation = rows
-    assert train["measure"] == "train" and train["tokens_per_s"] > 0 and train["mfu"] is None
-    assert evaluation["measure"] == "eval" and evaluation["eval_len"] == 256
+def test_bench_model_reports_the_trainers_long_eval(tmp_path):
+    (evaluation,) = run_bench("bench_model_gpu.py", *DEMO_SPEC, "--eval-len", "256", "--eval-chunks", "1", "--json",
+                              tmp_path=tmp_path)
+    assert evaluation["measure"] == "eval" and evaluation["eval_len"] == 256 and evaluation["preset"] == "tiny"
     assert math.isfinite(evaluation["loss"]) and evaluation["time_s"] > 0
+    assert evaluation["attention_backend"].startswith("sdpa:") and evaluation["peak_mem_gib"] is None
+
+
+def test_bench_1p5b_smoke_runs_every_part(tmp_path):
+    """The one GPU script of the 1.5B check (issue #15), on the CPU with tiny presets."""
+    *_, out = run_bench("bench_1p5b_gpu.py", "--smoke", "--json", "--cache-dir", str(tmp_path / "cache"),
+                        tmp_path=tmp_path)
+    assert out["skipped"] == [] and set(out["parts"]) == {"train_plan", "train_alt_micro_batch", "eval", "passkey"}
+    trainer, seed = out["parts"]["train_plan"]["rows"]
+    assert (trainer["variant"], seed["variant"]) == ("trainer", "seed") and trainer["seq_len"] == 64
+    assert out["parts"]["train_plan"]["ratio"]["trainer_over_seed_tokens_per_s"] > 0
+    (alt,) = out["parts"]["train_alt_micro_batch"]["rows"]
+    assert (alt["micro_batch"], alt["grad_accum"], alt["activation_checkpointing"]) == (4, 1, False)
+    assert out["parts"]["eval"]["eval_len"] == 256
+    assert out["parts"]["passkey"][0]["length"] == 256 and out["parts"]["passkey"][0]["skipped"] == {}
 
 
 def test_bench_passkey_fills_its_grid(tmp_path):

@@ -31,6 +31,19 @@ def test_p0_expands_to_core_configs_at_a_tenth_of_the_budget():
     assert all(r.settings["train_tokens"] == m.train["tokens"] // 10 for r in runs)
     assert runs[0].settings["eval"]["lengths"] == [2048, 16384]
     assert runs[1].settings["rope"] == {"spectrum": "hybrid_a0.2_t100k", "scaling": None}
+    assert runs[0].settings["compile"] == "auto"  # the matrix is silent: compiled on CUDA, not on a CPU
+
+
+def test_compile_setting_is_true_false_or_auto(tmp_path):
+    src = (catalog.CONFIG_DIR / "demo.yaml").read_text()
+    path = tmp_path / "c.yaml"
+    path.write_text(src.replace("  log_every: 10", "  log_every: 10\n  compile: false"))
+    m = catalog.load_matrix(str(path))
+    assert catalog.expand(m, m.phases["demo"])[0].settings["compile"] is False
+    bad = src.replace("  log_every: 10", "  log_every: 10\n  compile: 1")
+    path.write_text(bad)
+    with pytest.raises(OpsError, match=r"train.compile: must be true, false or auto"):
+        catalog.load_matrix(str(path))
 
 
 def test_p1_is_configs_times_all_seeds_and_demo_takes_config_and_seed():

@@ -110,10 +110,14 @@ FSDP_SCRIPT = textwrap.dedent(
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
+    rows = []  # sequences this rank ran forward
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     tokens = np.memmap(sys.argv[1], dtype=np.uint16, mode="r")
     out = evaluate_lengths(model, tokens, [32, 128], chunks=3, mode="random", seed=5)
+    counts = [None, None]
+    dist.all_gather_object(counts, sum(rows))
     if dist.get_rank() == 0:
-        json.dump(out, open(sys.argv[2], "w"))
+        json.dump({**out, "rows_per_rank": counts}, open(sys.argv[2], "w"))
     dist.destroy_process_group()
     """
 )
@@ -136,3 +140,6 @@ def test_fsdp2_evaluation_matches_single_process(val_tokens, tmp_path):
     single = evaluate_lengths(model, val_tokens, [32, 128], chunks=3, mode="random", seed=5)
     for n in ("32", "128"):
         np.testing.assert_allclose(sharded["lengths"][n]["chunk_losses"], single["lengths"][n]["chunk_losses"], rtol=1e-5)
+        assert sharded["lengths"][n]["ppl"] == pytest.approx(single["lengths"][n]["ppl"], rel=1e-5)
+    # Each rank evaluated its share (2 of the 3 chunks, one padded), not all 3, at both lengths.
+    assert sharded["rows_per_rank"] == [4, 4]

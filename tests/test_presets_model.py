@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train.loss as loss_mod
 import train.model as model_mod
 from train.model import GPT, build_model
 from train.presets import PRESETS, ModelConfig, PresetError, flops_per_token, get_preset, list_presets, param_count
@@ -162,23 +163,48 @@ def test_rope_scores_depend_on_relative_position_only():
         torch.testing.assert_close(scores, scores[:1].expand_as(scores), rtol=1e-4, atol=1e-5)
 
 
-def test_chunked_loss_equals_full_loss_with_gradients(monkeypatch):
+@pytest.mark.parametrize("impl", [loss_mod.CHUNKED, loss_mod.CHUNKED_COMPILED])
+def test_fused_chunked_loss_equals_full_loss_with_gradients(impl):
     idx = torch.randint(0, TINY.vocab_size, (2, 40))
     targets = torch.randint(0, TINY.vocab_size, (2, 40))
-    results = []
-    for chunk in (10**9, 16):  # one chunk, then 5 chunks of 16 rows (recomputed in backward)
-        monkeypatch.setattr(model_mod, "LOSS_CHUNK_TOKENS", chunk)
-        model = tiny_model()
+    model = tiny_model()
+    full = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.loss_impl = impl
+    for chunk in (10**9, 16):  # one chunk, then 5 chunks of 16 rows (gradients computed in forward)
+        model.loss_chunk = chunk
+        model.zero_grad()
         loss = model(idx, targets)
         loss.backward()
-        full = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
-        results.append((loss.detach(), full.detach(), model.embed.weight.grad.clone()))
-    (l1, f1, g1), (l2, f2, g2) = results
-    torch.testing.assert_close(l1, f1)
-    torch.testing.assert_close(l2, l1)
-    torch.testing.assert_close(g2, g1)
-    per_token = tiny_model()(idx, targets, reduction="none")
-    assert per_token.shape == (2, 40) and per_token.mean().item() == pytest.approx(l1.item(), rel=1e-5)
+        torch.testing.assert_close(loss, full)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 40) and per_token.mean().item() == pytest.approx(full.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="evaluation"):
+        model(idx, targets, reduction="none")
+
+
+def test_rope_angles_stay_exact_after_any_cast():
+    """bf16 casts (p2's passkey path, the benchmarks) must not round the frequencies: the issue measured
+    58.6 rad of error at position 32767 with geo_500k on the 1.5B head_dim when they were rounded."""
+    cfg = ModelConfig("rope-1.5B", vocab_size=64, hidden=128, n_layers=1, n_heads=1, head_dim=128, intermediate=64)
+    w, af = rope_parameters("geo_500k", cfg.head_dim)  # the 1.5B preset's head_dim
+    exact = torch.arange(32768, dtype=torch.float64)[-1] * torch.tensor(w, dtype=torch.float64)
+    with torch.device("meta"):
+        model = GPT(cfg, w, af)
+    model.to_empty(device="cpu")
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(),
+                 lambda m: m.to("cpu", torch.bfloat16), lambda m: m.to_empty(device="cpu")):
+        cast(model)
+        assert model.inv_freq.dtype == torch.float64 and model.inv_freq.device.type == "cpu"
+        angles = torch.outer(torch.arange(32768, device="cpu", dtype=torch.float64), model.inv_freq)
+        assert (angles[-1] - exact).abs().max().item() < 1e-9
+    assert model.embed.weight.dtype == torch.bfloat16  # the weights were cast all along
+    cos, _ = model_mod.rope_tables(model.inv_freq, 32768, model.attention_factor)
+    torch.testing.assert_close(cos[-1, : cfg.head_dim // 2].double(), exact.cos() * af, rtol=0, atol=1e-6)
 
 
 def test_init_is_deterministic_and_meta_init_works():
@@ -195,7 +221,7 @@ def test_init_is_deterministic_and_meta_init_works():
     n = tiny_model()
     n.init_weights(seed=7)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), n.parameters()))
-    torch.testing.assert_close(m.inv_freq, torch.tensor(w, dtype=torch.float32))
+    torch.testing.assert_close(m.inv_freq, torch.tensor(w, dtype=torch.float64), rtol=0, atol=0)
     assert "inv_freq" not in m.state_dict()  # derived from the config name, not checkpointed
 
 

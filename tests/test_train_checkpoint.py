@@ -54,7 +54,7 @@ CHILD = textwrap.dedent("""
              and "state_dict_saver" in frame.f_code.co_filename)
             or (kill_at == "meta" and event == "call" and frame.f_code.co_name == "atomic_write_json")
             or (kill_at == "rename" and event == "c_call" and getattr(arg, "__name__", "") == "replace"
-                and frame.f_code.co_name == "save")
+                and frame.f_code.co_name == "_finalize")
         )
         if hit:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -73,6 +73,18 @@ CHILD = textwrap.dedent("""
             sys.setprofile(None)
             if step == 2:
                 print(json.dumps(fingerprint(model)), flush=True)
+    elif mode == "async_save":  # training goes on while each checkpoint is written
+        saver = checkpoint.AsyncSaver(ckpt_dir, keep=2)
+        for step in (2, 4, 6):
+            train_steps(model, opt, step - 2, 2)
+            fp = fingerprint(model)
+            saver.start(step, model, opt, {"tokens": step * 8})
+            print(json.dumps({"step": step, "complete_after_start": checkpoint.complete_steps(ckpt_dir),
+                              "fp": fp}), flush=True)
+            if kill_at == "async" and step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_steps(model, opt, 6, 2)  # changes the weights before step 6's save is waited for
+        print(json.dumps({"waited": saver.wait(), "complete": checkpoint.complete_steps(ckpt_dir)}), flush=True)
     else:
         checkpoint.remove_partial(ckpt_dir)
         latest = checkpoint.latest_complete(ckpt_dir)
@@ -130,3 +142,25 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path, kill_at):
     state, _ = lines(loaded.stdout)
     assert state["step"] == 2 and state["fp"] == fp_step2
     assert not (ckpt / ".tmp_step_4").exists()  # cleaned before loading
+
+
+def test_async_save_completes_in_the_background_and_holds_the_state_at_start(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    saved = run_child(ckpt, "async_save")
+    assert saved.returncode == 0, saved.stderr
+    *starts, end = lines(saved.stdout)
+    # `.complete` only once waited for: each start first finishes the previous save, never its own.
+    assert [s["complete_after_start"] for s in starts] == [[], [2], [2, 4]]
+    assert end == {"waited": 6, "complete": [4, 6]}
+    loaded = run_child(ckpt, "load")
+    state, _ = lines(loaded.stdout)
+    assert state["step"] == 6 and state["fp"] == starts[-1]["fp"]  # not the weights trained after start
+
+
+def test_kill_during_async_save_leaves_previous_checkpoint_usable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    killed = run_child(ckpt, "async_save", "async")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert complete_steps(ckpt) == [2] and not (ckpt / "step_4").exists()
+    state, _ = lines(run_child(ckpt, "load").stdout)
+    assert state["step"] == 2 and state["fp"] == lines(killed.stdout)[0]["fp"]

@@ -132,11 +132,18 @@ def test_single_process_run_trains_and_reports(reference_run):
     assert status["checkpoint_step"] == STEPS
     results = read_json(out / RESULTS)
     assert results["steps"] == STEPS and results["tokens_seen"] == STEPS * SEQ * MICRO
-    assert results["preset"] == "tiny" and results["seed"] == 7 and results["mfu"] is None
+    assert results["preset"] == "tiny" and results["seed"] == 7
+    assert results["mfu_steady"] is None and results["mfu_wall"] is None  # no peak FLOP/s for a CPU
     assert results["final_train_loss"] == pytest.approx(curve[-1]["loss"])
     from train.presets import get_preset, param_count
     assert results["params"] == param_count(get_preset("tiny"))
-    assert results["tokens_per_s"] > 0 and results["wall_time_s"] > 0
+    assert results["wall_time_s"] > 0
+    # Steady leaves the first steps out (compile, warm-up); wall is every training step.
+    from train.step import STEADY_AFTER_STEPS
+    assert results["steady_steps"] == STEPS - STEADY_AFTER_STEPS
+    assert results["tokens_per_s_steady"] > 0 and results["tokens_per_s_wall"] > 0
+    assert results["attention_backend"].startswith("sdpa:") and results["loss_impl"] == "chunked"
+    assert results["compile"] is False
     assert results["versions"]["gpu_count"] == 0 and results["versions"]["torch"].startswith("2.")
     evals = read_json(out / EVAL_PER_LENGTH)
     assert set(evals["lengths"]) == {"128", "512"}
@@ -160,6 +167,8 @@ def test_sigterm_then_resume_gives_the_uninterrupted_curve(reference_run, cache_
     assert run_to_end(out) == 0, (out / LOG).read_text()[-3000:]
     assert read_json(out / STATUS)["attempt"] == 2
     assert_same_curve(read_loss_curve(out), read_loss_curve(reference_run))
+    from train.step import STEADY_AFTER_STEPS  # each attempt has its own warm-up
+    assert read_json(out / RESULTS)["steady_steps"] == STEPS - 2 * STEADY_AFTER_STEPS
     assert "attempt 2" in (out / LOG).read_text()
 
 

@@ -46,6 +46,7 @@ def test_valid_spec_reads_every_field():
     (lambda s: s.update(micro_batch=0), "micro_batch"),
     (lambda s: s.update(lr=True), "lr"),
     (lambda s: s.update(compile=1), "compile"),
+    (lambda s: s.update(compile="yes"), "compile"),
     (lambda s: s.update(dtype="fp16"), "dtype"),
     (lambda s: s.update(warmup_frac=1.5), "warmup_frac"),
     (lambda s: s.update(out_dir="runs/x"), "out_dir"),
@@ -64,6 +65,14 @@ def test_bad_spec_names_the_field(mutate, field):
     with pytest.raises(SpecError) as err:
         validate(raw)
     assert f"'{field}'" in str(err.value)
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    import torch
+    from train.distributed import compile_enabled
+    assert validate({**copy.deepcopy(SPEC), "compile": "auto"}).compile == "auto"
+    assert compile_enabled("auto", torch.device("cuda", 0)) and not compile_enabled("auto", torch.device("cpu"))
+    assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda", 0))
 
 
 def test_budget_below_one_step_is_refused():

@@ -60,6 +60,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def compile_enabled(compile_setting: bool | str, device: torch.device) -> bool:
+    """`auto` compiles on CUDA only (on a CPU compile costs 10-40 s and gains nothing at tiny sizes)."""
+    return compile_setting is True or (compile_setting == "auto" and device.type == "cuda")
+
+
 def compute_dtype(dtype_setting: str, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on CUDA and fp32 elsewhere (bf16 matmuls are ~100x slower on these CPUs)."""
     if dtype_setting == "bf16" or (dtype_setting == "auto" and device.type == "cuda"):
@@ -72,7 +77,10 @@ def parallelize(model: nn.Module, param_dtype: torch.dtype, activation_checkpoin
     """Activation checkpointing and torch.compile per block, then fully_shard per block and the root.
 
     Parameters stay fp32 (the optimizer's master copy); FSDP2 casts them to `param_dtype` for compute
-    and reduces gradients in fp32.
+    and reduces gradients in fp32. On one rank nothing is resharded after forward (there is nothing
+    to gather, only the bf16 cast to redo); on several, every block but the last is (the last one's
+    backward comes right away), as torchtitan does. Resharding after backward is decided per
+    micro-step by train.step.train_step.
     """
     blocks = model.blocks
     for i, block in enumerate(blocks):
@@ -83,23 +91,73 @@ def parallelize(model: nn.Module, param_dtype: torch.dtype, activation_checkpoin
             block.compile()
         blocks[i] = block
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    several = dist.get_world_size() > 1
+    for i, block in enumerate(blocks):
+        fully_shard(block, mp_policy=mp, reshard_after_forward=several and i < len(blocks) - 1)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (e.g. a signal arrived somewhere)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class StopAgreement:
+    """Whether any rank asked to stop, agreed on by all at the same step without stalling the GPU.
+
+    One rank: the local flag. Several: each boundary starts an all-reduce (MAX) of the local flag on
+    a CPU (gloo) group of its own and reads the one started at the previous boundary, which is long
+    done by then, so no boundary waits on the device or the network; ranks stop one step after the
+    signal, all at the same step.
+    """
+
+    def __init__(self):
+        self.world = dist.get_world_size()
+        self._group = dist.new_group(backend="gloo") if self.world > 1 else None
+        self._pending = None  # (work, tensor) of the previous boundary
+
+    def any_stop(self, flag: bool) -> bool:
+        if self._group is None:
+            return flag
+        seen = self._collect()
+        if not seen:  # the same on every rank, so all start the next one or none does
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True), t)
+        return seen
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, t = self._pending
+        self._pending = None
+        work.wait()
+        return bool(t.item())
+
+    def close(self) -> None:
+        """Wait for the last all-reduce (every rank calls it once at the end of training)."""
+        self._collect()
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item() / dist.get_world_size()
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Items rank `rank` takes of 0..n-1 (round robin), padded with its last one (or 0) so that every
+    rank gets ceil(n / world): FSDP needs the same number of forward calls on every rank."""
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    return mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+
+
+def gather_sharded(values: list[float], n: int, device: torch.device) -> list[float]:
+    """Inverse of shard_indices: every rank's `values` (one per index it took) back in 0..n-1 order."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return list(values[:n])
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    table = torch.stack(parts).cpu().tolist()  # table[rank][j] is item rank + j * world
+    return [table[i % world][i // world] for i in range(n)]
 
 
 def barrier_polling(poll_s: float = 0.2) -> None:

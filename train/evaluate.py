@@ -1,8 +1,8 @@
 """Perplexity by evaluation length over contiguous chunks of the validation tokens.
 
 Produces the eval_per_length.json object of docs/run-directory.md. Every rank of an FSDP run must
-call `evaluate_lengths` with the same arguments (the chunks are chosen deterministically); rank 0
-writes the file.
+call `evaluate_lengths` with the same arguments (the chunks are chosen deterministically); each rank
+evaluates its share of the chunks and every rank gets all chunk losses back; rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from train.distributed import gather_sharded, shard_indices
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 12288, 16384, 32768)
 DEFAULT_CHUNKS = 10
@@ -82,10 +85,12 @@ def evaluate_lengths(
 
 
 @torch.no_grad()
-def _chunk_losses(model, val_tokens, starts, length, device, dtype, batch_size) -> list[float]:
+def _chunk_losses(model, val_tokens, all_starts, length, device, dtype, batch_size) -> list[float]:
     autocast = (
         torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     )
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    starts = [all_starts[i] for i in shard_indices(len(all_starts), rank, world)]
     losses = []
     for b in range(0, len(starts), batch_size):
         batch = np.stack([np.asarray(val_tokens[s : s + length + 1], dtype=np.int64) for s in starts[b : b + batch_size]])
@@ -93,4 +98,4 @@ def _chunk_losses(model, val_tokens, starts, length, device, dtype, batch_size) 
         with autocast:
             token_losses = model(batch[:, :-1], batch[:, 1:], reduction="none")
         losses.extend(token_losses.float().mean(dim=1).tolist())
-    return losses
+    return gather_sharded(losses, len(all_starts), device)

@@ -1,25 +1,22 @@
 """LLaMA-style decoder with a configurable RoPE spectrum.
 
 Tied embedding/output head, pre-norm RMSNorm, bias-free attention with rotary embeddings (rotate-half,
-one inv_freq shared by all layers), SwiGLU MLP. Attention never builds a T x T matrix: flash-attn on
-CUDA when installed, otherwise scaled_dot_product_attention(is_causal=True).
+one inv_freq shared by all layers), SwiGLU MLP. Attention never builds a T x T matrix (train/attention.py
+picks the kernel); the loss never builds full fp32 logits (train/loss.py).
+
+The RoPE frequencies are fp64 whatever the model's dtype: `GPT._apply` (behind .to, .bfloat16,
+.to_empty, ...) refills them from the spectrum's exact values on the new device after every cast.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from train.attention import SDPA, causal_attention
+from train.loss import CHUNKED, LOSS_CHUNK_TOKENS, linear_cross_entropy
 from train.presets import ModelConfig
 from train.spectra import Scaling, rope_parameters
-
-try:  # CUDA only; optional extra `flash`
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-
-LOSS_CHUNK_TOKENS = 4096  # rows of fp32 full-vocab logits materialised at a time in the loss
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +50,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.hidden, width, bias=False)
         self.v = nn.Linear(cfg.hidden, width, bias=False)
         self.o = nn.Linear(width, cfg.hidden, bias=False)
+        self.backend = SDPA  # a train.attention backend; GPT.set_attention_backend sets it
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -60,12 +58,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q(x).view(shape), cos, sin)
         k = apply_rope(self.k(x).view(shape), cos, sin)
         v = self.v(x).view(shape)
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            y = flash_attn_func(q, k, v, causal=True)
-        else:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-            ).transpose(1, 2)
+        y = causal_attention(q, k, v, self.backend)
         return self.o(y.reshape(B, T, -1))
 
 
@@ -104,14 +97,29 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)  # also the output head (tied)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        # Derived from the config name, so not part of checkpoints; fp32 on every device.
-        self.register_buffer("inv_freq", torch.tensor(self._inv_freq_values, dtype=torch.float32), persistent=False)
+        self.loss_impl, self.loss_chunk = CHUNKED, LOSS_CHUNK_TOKENS  # train.loss: implementation, rows per chunk
+        # Derived from the config name, so not part of checkpoints; fp64 on every device and dtype.
+        self.register_buffer("inv_freq", self._exact_inv_freq(None), persistent=False)
         if self.inv_freq.device.type != "meta":
             self.init_weights()
 
+    def _exact_inv_freq(self, device) -> torch.Tensor:
+        return torch.tensor(self._inv_freq_values, dtype=torch.float64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(bf16) and friends cast every floating buffer; the frequencies must not be rounded.
+        out = super()._apply(fn, recurse)
+        device = self.inv_freq.device
+        self.inv_freq = self._exact_inv_freq(device) if device.type != "meta" else self.inv_freq.double()
+        return out
+
+    def set_attention_backend(self, backend: str) -> None:
+        for block in self.blocks:
+            block.attn.backend = backend
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """normal(0, 0.02) for every matrix, ones for norms; also refills inv_freq (after to_empty)."""
+        """normal(0, 0.02) for every matrix, ones for norms (inv_freq is refilled by every to/to_empty)."""
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
@@ -120,7 +128,6 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
-        self.inv_freq.copy_(torch.tensor(self._inv_freq_values, dtype=torch.float32))
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx)
@@ -137,30 +144,9 @@ class GPT(nn.Module):
         h = self.hidden_states(idx)
         if targets is None:
             return F.linear(h, self.embed.weight)
-        losses = chunked_cross_entropy(h.flatten(0, 1), self.embed.weight, targets.flatten())
-        return losses.mean() if reduction == "mean" else losses.view(targets.shape)
-
-
-def _chunk_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token CE of h @ weight.T, materialising fp32 logits for LOSS_CHUNK_TOKENS rows at a time.
-
-    Under autograd each chunk is recomputed in backward, so the full logits are never stored.
-    """
-    if h.shape[0] <= LOSS_CHUNK_TOKENS:
-        return _chunk_losses(h, weight, targets)
-    parts = []
-    for start in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
-        rows = slice(start, start + LOSS_CHUNK_TOKENS)
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_losses, h[rows], weight, targets[rows], use_reentrant=False))
-        else:
-            parts.append(_chunk_losses(h[rows], weight, targets[rows]))
-    return torch.cat(parts)
+        losses = linear_cross_entropy(h.flatten(0, 1), self.embed.weight, targets.flatten(), reduction,
+                                      self.loss_impl, self.loss_chunk)
+        return losses if reduction == "mean" else losses.view(targets.shape)
 
 
 def build_model(cfg: ModelConfig, spectrum: str, scaling: Scaling | None = None, device="cpu") -> GPT:

@@ -138,18 +138,39 @@ def prepare_data(spec: TrainSpec, dist_info, heartbeat):
 
 # ---------------------------------------------------------------- model and optimizer
 
-def build_model(plan: ModelPlan, spec: TrainSpec, dist_info):
+def build_model(plan: ModelPlan, spec: TrainSpec, dist_info, on_meta: bool | None = None):
+    """The FSDP2 model of the spec: (model, n_params, compute dtype, kernels that run).
+
+    Built on the meta device and materialised already sharded on the GPU (`on_meta`, default on
+    CUDA), or built on the CPU from the seed and moved (bitwise the same weights as before sharding).
+    """
     import torch
-    from train.distributed import compute_dtype, parallelize
+    from train.attention import describe, select_backend
+    from train.distributed import compile_enabled, compute_dtype, parallelize
+    from train.loss import select_impl
     from train.model import GPT
 
-    torch.manual_seed(spec.seed)  # same spec, same initial weights (on the same device type)
-    model = GPT(plan.cfg, plan.inv_freq, attention_factor=plan.attention_factor)
+    device, cfg = dist_info.device, plan.cfg
+    on_meta = device.type == "cuda" if on_meta is None else on_meta
+    torch.manual_seed(spec.seed)  # same spec, same initial weights (on the same device type and world size)
+    with torch.device("meta" if on_meta else "cpu"):
+        model = GPT(cfg, plan.inv_freq, attention_factor=plan.attention_factor)
     n_params = sum(p.numel() for p in model.parameters())
-    model.to(dist_info.device)
-    dtype = compute_dtype(spec.dtype, dist_info.device)
-    parallelize(model, dtype, spec.activation_checkpointing, spec.compile)
-    return model, n_params, dtype
+    dtype = compute_dtype(spec.dtype, device)
+    compiled = compile_enabled(spec.compile, device)
+    shape = (spec.micro_batch, spec.seq_len, cfg.n_heads, cfg.head_dim)
+    backend = select_backend(device, dtype, shape)
+    model.set_attention_backend(backend)
+    model.loss_impl = select_impl(device, dtype, compiled, cfg.hidden, cfg.vocab_size)
+    if not on_meta:
+        model.to(device)
+    parallelize(model, dtype, spec.activation_checkpointing, compiled)
+    if on_meta:
+        model.to_empty(device=device)
+        model.init_weights()
+    kernels = {"attention_backend": describe(backend, device, dtype, shape), "loss_impl": model.loss_impl,
+               "compile": compiled}
+    return model, n_params, dtype, kernels
 
 
 def build_optimizer(model, spec: TrainSpec, device):
@@ -171,9 +192,11 @@ def adamw(model, lr: float, weight_decay: float, fused: bool):
 @dataclass
 class Progress:
     step: int = 0
-    train_time_s: float = 0.0   # time spent in training steps over all attempts
+    train_time_s: float = 0.0   # time spent in training steps over all attempts (compile, warm-up included)
     wall_time_s: float = 0.0    # whole-process time over all finished attempts
     last_loss: float | None = None
+    steady_time_s: float = 0.0  # train.step.StepTimer's steady part, over all attempts
+    steady_steps: int = 0
 
 
 def _grad_norm(value) -> float:
@@ -187,76 +210,89 @@ def train_loop(spec, dist_info, model, optimizer, data, progress: Progress, tota
                heartbeat, curve, signals: StopSignals, started: float) -> bool:
     """Runs steps progress.step..total_steps-1. Returns False when stopped by a signal (checkpoint saved)."""
     import torch
-    from train import checkpoint
+    from train.checkpoint import AsyncSaver
     from train.data.loader import ChunkSampler
-    from train.distributed import any_rank, mean_over_ranks
+    from train.distributed import StopAgreement, mean_over_ranks
     from train.schedule import lr_at, warmup_steps
+    from train.step import StepTimer, collect_now, gc_controlled, train_step
 
     device = dist_info.device
     world = dist_info.world_size
     tokens_per_step = spec.tokens_per_step(world)
     warmup = warmup_steps(total_steps, spec.warmup_frac)
     sampler = ChunkSampler(len(data.train), spec.seq_len, spec.seed, dist_info.rank, world)
-    ckpt_dir = Path(spec.out_dir) / CKPT_DIR
+    saver = AsyncSaver(Path(spec.out_dir) / CKPT_DIR, spec.keep_checkpoints)
+    stop = StopAgreement()
+    timer = StepTimer(device, total_s=progress.train_time_s, steady_s=progress.steady_time_s,
+                      steady_steps=progress.steady_steps)
+    saving_since = {}
 
-    def save(step: int) -> None:
-        t = time.perf_counter()
+    def saved(step) -> None:
+        if step is not None:
+            heartbeat.update(checkpoint_step=step, message=f"checkpoint step {step} saved")
+            log(f"checkpoint step {step} saved ({time.perf_counter() - saving_since.pop(step):.1f}s after it began)")
+
+    def save(step: int, wait: bool) -> None:
+        """In the background unless `wait`; the previous save is finished first either way."""
+        saved(saver.wait())
         heartbeat.update(message=f"saving checkpoint step {step}")
-        meta = {"tokens": step * tokens_per_step, "data_position": step,
-                "train_time_s": progress.train_time_s,
-                "wall_time_s": progress.wall_time_s + (time.time() - started),
-                "last_loss": progress.last_loss}
-        checkpoint.save(ckpt_dir, step, model, optimizer, meta, spec.keep_checkpoints)
-        heartbeat.update(checkpoint_step=step, message=f"checkpoint step {step} saved")
-        log(f"checkpoint step {step} saved in {time.perf_counter() - t:.1f}s")
+        saving_since[step] = time.perf_counter()
+        meta = {"tokens": step * tokens_per_step, "data_position": step, "train_time_s": timer.total_s,
+                "steady_time_s": timer.steady_s, "steady_steps": timer.steady_steps,
+                "wall_time_s": progress.wall_time_s + (time.time() - started), "last_loss": progress.last_loss}
+        saver.start(step, model, optimizer, meta)
+        if saver.pending_step is None:  # step_<N> was complete already (a stop right after resuming)
+            saved(step)
+        elif wait:
+            saved(saver.wait())
+
+    def micro_batches(step: int):
+        for micro in range(spec.grad_accum):
+            x, y = sampler.batch(data.train, step, micro, spec.micro_batch, spec.grad_accum)
+            yield (torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True))
 
     model.train()
     window_s, window_steps = 0.0, 0  # time in steps since the last log line (checkpoint saves excluded)
-    while progress.step < total_steps:
-        t0 = time.perf_counter()
-        if any_rank(signals.received is not None, device):
-            log(f"stop signal ({signals.received or 'on another rank'}): saving a checkpoint at step {progress.step}")
-            save(progress.step)
-            return False
-        step = progress.step
-        lr = lr_at(step, total_steps, spec.lr, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(spec.grad_accum):
-            x, y = sampler.batch(data.train, step, micro, spec.micro_batch, spec.grad_accum)
-            x = torch.from_numpy(x).to(device, non_blocking=True)
-            y = torch.from_numpy(y).to(device, non_blocking=True)
-            model.set_requires_gradient_sync(micro == spec.grad_accum - 1)
-            loss = model(x, y) / spec.grad_accum  # call the module so FSDP2's hooks run
-            loss.backward()
-            loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step = step + 1
-        window_steps += 1
+    with gc_controlled():
+        while progress.step < total_steps:
+            saved(saver.poll())
+            if stop.any_stop(signals.received is not None):
+                log(f"stop signal ({signals.received or 'on another rank'}): saving a checkpoint at step {progress.step}")
+                save(progress.step, wait=True)
+                return False
+            timer.begin()
+            step = progress.step
+            lr = lr_at(step, total_steps, spec.lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, norm = train_step(model, optimizer, micro_batches(step), spec.grad_accum, spec.grad_clip)
+            progress.step = step + 1
+            logging = progress.step % spec.log_every == 0 or progress.step == total_steps
+            if logging:  # inside the step's time: .item() waits for the device
+                loss_value = mean_over_ranks(loss_sum.item(), device)
+                grad_norm = _grad_norm(norm)
+            window_s += timer.end()
+            window_steps += 1
+            collect_now(progress.step)
 
-        if progress.step % spec.log_every == 0 or progress.step == total_steps:
-            loss_value = mean_over_ranks(loss_sum.item(), device)  # .item() waits for the GPU
-            grad_norm = _grad_norm(norm)
-            window_s += time.perf_counter() - t0
-            tps = window_steps * tokens_per_step / max(window_s, 1e-9)
-            progress.train_time_s += window_s
-            progress.last_loss = loss_value
-            eta = (total_steps - progress.step) * tokens_per_step / tps
-            tokens = progress.step * tokens_per_step
-            curve.append(progress.step, tokens, loss_value, lr, grad_norm, tps)
-            heartbeat.update(step=progress.step, tokens=tokens, loss=loss_value, tokens_per_s=tps, eta_s=eta,
-                             message="training")
-            log(f"step {progress.step}/{total_steps} loss {loss_value:.4f} lr {lr:.2e} "
-                f"grad_norm {grad_norm:.3f} tok/s {tps:,.0f} ({window_s / window_steps * 1e3:.0f} ms/step)")
-            window_s, window_steps = 0.0, 0
-        else:
-            window_s += time.perf_counter() - t0
+            if logging:
+                tps = window_steps * tokens_per_step / max(window_s, 1e-9)
+                progress.last_loss = loss_value
+                eta = (total_steps - progress.step) * tokens_per_step / tps
+                tokens = progress.step * tokens_per_step
+                curve.append(progress.step, tokens, loss_value, lr, grad_norm, tps)
+                heartbeat.update(step=progress.step, tokens=tokens, loss=loss_value, tokens_per_s=tps, eta_s=eta,
+                                 message="training")
+                log(f"step {progress.step}/{total_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                    f"grad_norm {grad_norm:.3f} tok/s {tps:,.0f} ({window_s / window_steps * 1e3:.0f} ms/step)")
+                window_s, window_steps = 0.0, 0
+            progress.train_time_s, progress.steady_time_s = timer.total_s, timer.steady_s
+            progress.steady_steps = timer.steady_steps
 
-        if progress.step % spec.checkpoint_every == 0 or progress.step == total_steps:
-            save(progress.step)
+            if progress.step % spec.checkpoint_every == 0 or progress.step == total_steps:
+                save(progress.step, wait=progress.step == total_steps)
+    saved(saver.wait())
+    stop.close()
     return True
 
 
@@ -284,25 +320,6 @@ def versions(dist_info) -> dict:
     }
 
 
-def results_record(spec: TrainSpec, plan: ModelPlan, n_params: int, steps: int, tokens_seen: int,
-                   progress: Progress, eval_result: dict, wall_time_s: float, dtype_name: str,
-                   vers: dict) -> dict:
-    from train import presets
-    from train.mfu import mfu, peak_flops
-    tps = tokens_seen / progress.train_time_s if progress.train_time_s > 0 else None
-    peak = peak_flops(vers["gpu"], dtype_name)
-    flops = presets.flops_per_token(plan.cfg, spec.seq_len)
-    ppl = {length: r["ppl"] for length, r in eval_result.get("lengths", {}).items() if not r.get("skipped")}
-    return {
-        "run": spec.run, "phase": spec.phase, "config": spec.config, "seed": spec.seed,
-        "preset": spec.preset, "params": n_params, "tokens_seen": tokens_seen, "steps": steps,
-        "final_train_loss": progress.last_loss, "ppl": ppl, "wall_time_s": wall_time_s,
-        "tokens_per_s": tps,
-        "mfu": mfu(flops, tps, peak, max(1, vers["gpu_count"])) if tps else None,
-        "versions": vers,
-    }
-
-
 # ---------------------------------------------------------------- the run
 
 def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, started: float) -> int:
@@ -321,12 +338,13 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
                         f"'{spec.preset}' (vocab_size {plan.cfg.vocab_size})")
 
     heartbeat.update(message="building model")
-    model, n_params, dtype = build_model(plan, spec, dist_info)
+    model, n_params, dtype, kernels = build_model(plan, spec, dist_info)
     optimizer = build_optimizer(model, spec, dist_info.device)
     dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
     log(f"model {spec.preset}: {n_params:,} parameters, {dtype_name} compute, world size "
         f"{dist_info.world_size} on {dist_info.device.type}, {total_steps} steps of "
-        f"{spec.tokens_per_step(dist_info.world_size):,} tokens")
+        f"{spec.tokens_per_step(dist_info.world_size):,} tokens; attention {kernels['attention_backend']}, "
+        f"loss {kernels['loss_impl']}, compile {'on' if kernels['compile'] else 'off'}")
 
     ckpt_dir = out_dir / CKPT_DIR
     if dist_info.is_main:
@@ -337,7 +355,8 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
     if latest is not None:
         meta = checkpoint.load(latest, model, optimizer)
         progress = Progress(step=meta["step"], train_time_s=meta.get("train_time_s", 0.0),
-                            wall_time_s=meta.get("wall_time_s", 0.0), last_loss=meta.get("last_loss"))
+                            wall_time_s=meta.get("wall_time_s", 0.0), last_loss=meta.get("last_loss"),
+                            steady_time_s=meta.get("steady_time_s", 0.0), steady_steps=meta.get("steady_steps", 0))
         log(f"resumed from {latest.name} (step {progress.step}, {meta['tokens']:,} tokens)")
         heartbeat.update(checkpoint_step=progress.step)
     dropped = curve.truncate_after(progress.step)
@@ -368,11 +387,13 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
     wall = progress.wall_time_s + (time.time() - started)
     if dist_info.is_main:
         atomic_write_json(out_dir / EVAL_PER_LENGTH, eval_result)
+        from train.results import results_record
         record = results_record(spec, plan, n_params, total_steps, tokens_seen, progress, eval_result, wall,
-                                dtype_name, versions(dist_info))
+                                dtype_name, versions(dist_info), kernels, dist_info.world_size)
         atomic_write_json(out_dir / RESULTS, record)
         log(f"results: final loss {record['final_train_loss']:.4f}, ppl {record['ppl']}, "
-            f"tok/s {record['tokens_per_s'] or 0:,.0f}, mfu {record['mfu']}")
+            f"tok/s steady {record['tokens_per_s_steady'] or 0:,.0f} (wall {record['tokens_per_s_wall'] or 0:,.0f}), "
+            f"mfu steady {record['mfu_steady']}")
     barrier_polling()
     heartbeat.update(state=C.HB_DONE, step=total_steps, tokens=tokens_seen, eta_s=0, message="done")
     log("phase done")

@@ -12,6 +12,7 @@ from typing import Any
 DTYPES = ("auto", "fp32", "bf16")
 EVAL_MODES = ("sequential", "random")
 SCALING_TYPES = ("pi", "ntk", "yarn")
+COMPILE_AUTO = "auto"  # compile: true, false, or "auto" (on for CUDA, off for CPU)
 
 
 class SpecError(Exception):
@@ -41,7 +42,7 @@ class TrainSpec:
     weight_decay: float
     grad_clip: float
     dtype: str
-    compile: bool
+    compile: bool | str  # True, False or COMPILE_AUTO; train.distributed.compile_enabled resolves it
     activation_checkpointing: bool
     eval_lengths: list
     eval_chunks: int
@@ -131,6 +132,13 @@ def _validation(data: dict) -> dict:
     }
 
 
+def _compile(raw: dict):
+    value = _get(raw, "compile", (bool, str), "")
+    if isinstance(value, str) and value != COMPILE_AUTO:
+        raise SpecError(f"spec field 'compile' must be true, false or \"{COMPILE_AUTO}\", got {value!r}")
+    return value
+
+
 def _eval_lengths(ev: dict) -> list:
     lengths = _get(ev, "lengths", list, "eval.")
     if not lengths:
@@ -170,7 +178,7 @@ def validate(raw: Any) -> TrainSpec:
         weight_decay=float(_get(raw, "weight_decay", (int, float), "", nonneg=True)),
         grad_clip=float(_get(raw, "grad_clip", (int, float), "", positive=True)),
         dtype=_get(raw, "dtype", str, "", choices=DTYPES),
-        compile=_get(raw, "compile", bool, ""),
+        compile=_compile(raw),
         activation_checkpointing=_get(raw, "activation_checkpointing", bool, ""),
         eval_lengths=_eval_lengths(ev),
         eval_chunks=_get(ev, "chunks", int, "eval.", positive=True),

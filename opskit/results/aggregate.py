@@ -73,6 +73,13 @@ class Report:
         return next(s for s in self.summaries if s.phase == phase and s.config == config)
 
 
+def tokens_per_s(results: dict) -> float | None:
+    """A run's throughput: the steady figure (compile and warm-up left out) of results.json, or
+    `tokens_per_s` of results written before it had one (and of imported studies)."""
+    value = results.get("tokens_per_s_steady")
+    return value if value is not None else results.get("tokens_per_s")
+
+
 def build_report(runs: list[RunArtifacts]) -> Report:
     """Summaries over the runs that finished; the others stay in `runs` with their state."""
     lengths = sorted({length for r in runs if r.state == DONE for length in r.ppl})
@@ -84,7 +91,7 @@ def build_report(runs: list[RunArtifacts]) -> Report:
             phase=phase, config=config, seeds=[r.seed for r in done],
             ppl={length: st for length in lengths if (st := stat([r.ppl[length] for r in done if length in r.ppl]))},
             final_loss=stat([r.results["final_train_loss"] for r in done if r.results.get("final_train_loss") is not None]),
-            tokens_per_s=stat([r.results["tokens_per_s"] for r in done if r.results.get("tokens_per_s") is not None]),
+            tokens_per_s=stat([v for r in done if (v := tokens_per_s(r.results)) is not None]),
         ))
     return Report(runs=runs, summaries=summaries, lengths=lengths)
 
@@ -99,7 +106,7 @@ def run_rows(report: Report) -> list[dict]:
         row = {"phase": r.phase, "config": r.config, "seed": r.seed, "state": r.state}
         row.update({f"ppl@{length}": r.ppl.get(length) for length in report.lengths})
         row.update({"final_loss": res.get("final_train_loss"), "tokens": res.get("tokens_seen"),
-                    "tokens_per_s": res.get("tokens_per_s"), "params": res.get("params"),
+                    "tokens_per_s": tokens_per_s(res), "params": res.get("params"),
                     "imported_from": res.get("imported_from")})
         rows.append(row)
     return rows
@@ -162,7 +169,7 @@ def markdown(report: Report, figure_notes: list[str] | None = None) -> str:
     for r in report.runs:
         res = r.results or {}
         run_table.append([r.name, r.state] + [f"{r.ppl[x]:.2f}" if x in r.ppl else "–" for x in report.lengths]
-                         + [_num(res.get("final_train_loss"), 3), _num(res.get("tokens_seen"), 0), _num(res.get("tokens_per_s"), 0)])
+                         + [_num(res.get("final_train_loss"), 3), _num(res.get("tokens_seen"), 0), _num(tokens_per_s(res), 0)])
     phases = sorted({s.phase for s in report.summaries})
     parts = [f"# Results summary: phase{'s' if len(phases) > 1 else ''} {', '.join(phases)}", "",
              "Mean ± population std over seeds; `(n=k)` marks a metric that fewer seeds reported.", "",
