@@ -90,7 +90,7 @@ def plan_model(spec: TrainSpec) -> ModelPlan:
         s = spec.scaling
         scaling = spectra.Scaling(s["type"], s["factor"], s["original_max"])
     try:
-        inv, attention_factor = spectra.apply_scaling(inv, scaling, cfg.head_dim)
+        inv, attention_factor = spectra.apply_scaling(inv, scaling, cfg.head_dim, length=spec.seq_len)
     except ValueError as e:
         raise SpecError(f"spec field 'rope.scaling': {_reason(e)}") from None
     return ModelPlan(cfg, list(inv), float(attention_factor))
@@ -359,11 +359,10 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
 
     heartbeat.update(state="evaluating", message=f"evaluating lengths {spec.eval_lengths}")
     log("phase evaluating")
-    from train.evaluate import evaluate_lengths
+    from train.eval_spec import evaluate_spec
     model.eval()
     # fp32 here means "no autocast": FSDP2's policy already computes in `dtype`, as in training.
-    eval_result = evaluate_lengths(model, data.val, spec.eval_lengths, spec.eval_chunks, spec.eval_mode,
-                                   spec.seed, dist_info.device, torch.float32)
+    eval_result = evaluate_spec(model, data.val, spec, dist_info.device, torch.float32)
     tokens_seen = total_steps * spec.tokens_per_step(dist_info.world_size)
     wall = progress.wall_time_s + (time.time() - started)
     if dist_info.is_main:
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted:
         return EXIT_INTERRUPTED
 
-    from train import checkpoint
+    from train import checkpoint, tracking
     from train.distributed import init_distributed, shutdown
     from train.heartbeat import Heartbeat, LossCurve
 
@@ -408,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
     log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size {dist_info.world_size} ====")
     code, clean = EXIT_FAILED, True
+    tracker = tracking.Tracker([])
     try:
+        tracker = tracking.open_tracker(spec, dist_info.is_main, curve, reraise=(Interrupted,))  # docs/trackers.md
         code = run(spec, dist_info, heartbeat, curve, signals, started)
     except SpecError as e:
         print(f"error: invalid spec: {e}", file=sys.stderr, flush=True)
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         code, clean = EXIT_FAILED, False
     finally:
         heartbeat.stop()
+        tracker.close(code)
     sys.stdout.flush()
     sys.stderr.flush()
     if not clean and dist_info.world_size > 1:

@@ -11,7 +11,8 @@ from typing import Any
 
 DTYPES = ("auto", "fp32", "bf16")
 EVAL_MODES = ("sequential", "random")
-SCALING_TYPES = ("pi", "ntk", "yarn")
+SCALING_TYPES = ("pi", "ntk", "yarn", "dynamic")
+TRACKER_KINDS = ("tensorboard", "wandb", "mlflow")  # "mlflow:URI" names the tracking server
 
 
 class SpecError(Exception):
@@ -51,6 +52,8 @@ class TrainSpec:
     log_every: int
     cache_dir: str
     out_dir: str
+    tracking: tuple = ()  # ("tensorboard", "wandb", "mlflow:URI"); docs/trackers.md
+    eval_stride: int | None = None  # sliding-window perplexity stride; None: contiguous chunks only
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.seq_len * self.micro_batch * self.grad_accum * world_size
@@ -141,6 +144,28 @@ def _eval_lengths(ev: dict) -> list:
     return list(lengths)
 
 
+def check_tracking(value: Any, name: str = "tracking") -> tuple:
+    """The trackers of a spec or matrix: a list of "tensorboard", "wandb", "mlflow:URI", each once."""
+    if not isinstance(value, list):
+        raise SpecError(f"spec field '{name}' must be a list like [\"tensorboard\", \"mlflow:http://HOST:5000\"], "
+                        f"got {value!r}")
+    seen = []
+    for i, item in enumerate(value):
+        kind = item.split(":", 1)[0] if isinstance(item, str) else None
+        if kind not in TRACKER_KINDS or (kind == "mlflow") != (":" in item) or item.endswith(":"):
+            raise SpecError(f"spec field '{name}[{i}]' must be tensorboard, wandb or mlflow:URI, got {item!r}")
+        if item in seen:
+            raise SpecError(f"spec field '{name}[{i}]': {item!r} is listed twice")
+        seen.append(item)
+    return tuple(seen)
+
+
+def _stride(ev: dict) -> int | None:
+    if ev.get("stride") is None:
+        return None
+    return _get(ev, "stride", int, "eval.", positive=True)
+
+
 def validate(raw: Any) -> TrainSpec:
     """The checked spec, or SpecError naming the first bad field."""
     if not isinstance(raw, dict):
@@ -180,6 +205,8 @@ def validate(raw: Any) -> TrainSpec:
         log_every=_get(raw, "log_every", int, "", positive=True),
         cache_dir=_abs_path(_get(raw, "cache_dir", str, ""), "cache_dir"),
         out_dir=_abs_path(_get(raw, "out_dir", str, ""), "out_dir"),
+        tracking=check_tracking(raw.get("tracking", [])),
+        eval_stride=_stride(ev),
     )
     if spec.warmup_frac >= 1:
         raise SpecError(f"spec field 'warmup_frac' must be < 1, got {spec.warmup_frac!r}")
