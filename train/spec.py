@@ -144,20 +144,26 @@ def _eval_lengths(ev: dict) -> list:
     return list(lengths)
 
 
-def check_tracking(value: Any, name: str = "tracking") -> tuple:
-    """The trackers of a spec or matrix: a list of "tensorboard", "wandb", "mlflow:URI", each once."""
+def tracking_problem(value: Any) -> tuple[str, str] | None:
+    """(where, why) of the first bad entry of a tracker list ("" or "[i]"), or None when it is valid:
+    a list of "tensorboard", "wandb", "mlflow:URI", each once."""
     if not isinstance(value, list):
-        raise SpecError(f"spec field '{name}' must be a list like [\"tensorboard\", \"mlflow:http://HOST:5000\"], "
-                        f"got {value!r}")
-    seen = []
+        return "", f'must be a list like ["tensorboard", "mlflow:http://HOST:5000"], got {value!r}'
     for i, item in enumerate(value):
         kind = item.split(":", 1)[0] if isinstance(item, str) else None
         if kind not in TRACKER_KINDS or (kind == "mlflow") != (":" in item) or item.endswith(":"):
-            raise SpecError(f"spec field '{name}[{i}]' must be tensorboard, wandb or mlflow:URI, got {item!r}")
-        if item in seen:
-            raise SpecError(f"spec field '{name}[{i}]': {item!r} is listed twice")
-        seen.append(item)
-    return tuple(seen)
+            return f"[{i}]", f"must be tensorboard, wandb or mlflow:URI, got {item!r}"
+        if item in value[:i]:
+            return f"[{i}]", f"repeats {item!r}"
+    return None
+
+
+def check_tracking(value: Any, name: str = "tracking") -> tuple:
+    """The trackers of a spec as a tuple, or SpecError naming the bad entry."""
+    problem = tracking_problem(value)
+    if problem:
+        raise SpecError(f"spec field '{name}{problem[0]}' {problem[1]}")
+    return tuple(value)
 
 
 def _stride(ev: dict) -> int | None:

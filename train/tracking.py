@@ -25,6 +25,8 @@ from train.spec import SpecError, TrainSpec
 
 EXTRA = "pip install 'opskit[track]'"
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # tracker kind -> import name
+# W&B's service writes the .wandb file every this many seconds (its default, 15 s, is what a hard kill loses)
+WANDB_FLUSH_S = 2.0
 PARAM_MAX_CHARS = 6000  # MLflow's limit on a param value
 MLFLOW_ENV = {  # fail within seconds when the server is gone (MLflow's defaults retry for minutes)
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -162,6 +164,7 @@ class MlflowSink(Sink):
 
         self.uri = self.key.split(":", 1)[1]
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment = f"opskit/{self.spec.phase}"
         run_id, have = (state or {}).get("run_id"), {}
         if run_id:
             try:
@@ -186,7 +189,6 @@ class MlflowSink(Sink):
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
 
-        self.experiment = f"opskit/{self.spec.phase}"
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
@@ -196,11 +198,21 @@ class MlflowSink(Sink):
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def log(self, metrics, step, purge=True):
+        """Sent in MLflow's logging thread, so a step never waits on the network; the previous batch
+        had a whole log interval to arrive, and raises here if it failed."""
         from mlflow.entities import Metric
+        self._wait()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.pending = self.client.log_batch(self.run_id, synchronous=False,
+                                             metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def _wait(self):
+        pending, self.pending = getattr(self, "pending", None), None
+        if pending is not None:
+            pending.wait()
 
     def close(self, exit_code):
+        self._wait()
         status = {EXIT_OK: "FINISHED", EXIT_INTERRUPTED: "KILLED"}.get(exit_code, "FAILED")
         self.client.set_terminated(self.run_id, status)
 
@@ -216,7 +228,7 @@ class WandbSink(Sink):
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.run_dir.joinpath(WANDB_DIR).mkdir(exist_ok=True)
         settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False, disable_git=True,
-                                  silent=True)
+                                  silent=True, x_transaction_log_flush_interval=WANDB_FLUSH_S)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opskit"), id=run_id, resume="allow",
                               name=self.spec.run, group=f"{self.spec.phase}/{self.spec.config}",
                               job_type="train", dir=str(self.run_dir), mode=mode, config=params,
