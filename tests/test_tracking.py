@@ -167,6 +167,11 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
+def tracking_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tracking_cache")
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
@@ -206,10 +211,10 @@ def tb_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.slow
-def test_tracked_run_killed_and_resumed_stays_one_run_in_every_tracker(mlflow_server, tmp_path):
-    from test_train_run import STEPS, finish, make_spec, run_to_end, signal_at_step, start
+def test_tracked_run_killed_and_resumed_stays_one_run_in_every_tracker(mlflow_server, tracking_cache, tmp_path):
+    from test_train_run import STEPS, make_spec, run_to_end, signal_at_step, start
 
-    out, cache = tmp_path / "tracked", tmp_path / "cache"
+    out, cache = tmp_path / "tracked", tracking_cache
     trackers = ["tensorboard", f"mlflow:{mlflow_server.uri}", "wandb"]
     make_spec(out, cache, tracking=trackers)
     proc = start(out)
@@ -284,18 +289,20 @@ def test_tracked_run_killed_and_resumed_stays_one_run_in_every_tracker(mlflow_se
 
 
 @pytest.mark.slow
-def test_a_tracker_that_fails_never_stops_training(tmp_path):
+def test_a_tracker_that_fails_never_stops_training(tracking_cache, tmp_path):
     """One MLflow server never there, one killed mid-run: each is said once in run.log and turned off;
-    training, evaluation and TensorBoard go on to the end."""
-    from test_train_run import SEQ, MICRO, finish, make_spec, start, wait_for
+    training, evaluation and TensorBoard go on to the end. The same run has a `dynamic` scaling and a
+    sliding-window stride: evaluation recomputes the frequencies at 128 and adds the sliding PPL."""
+    from test_train_run import MICRO, SEQ, finish, make_spec, start, wait_for
 
     server = MlflowServer(tmp_path / "mlflow")
     dead = f"mlflow:http://127.0.0.1:{free_port()}"
     live = f"mlflow:{server.uri}"
     out = tmp_path / "run"
     steps = 60
-    make_spec(out, tmp_path / "cache", tracking=["tensorboard", dead, live], train_tokens=steps * SEQ * MICRO,
-              checkpoint_every=100, eval={"lengths": [128], "chunks": 2, "mode": "sequential"})
+    make_spec(out, tracking_cache, tracking=["tensorboard", dead, live], train_tokens=steps * SEQ * MICRO,
+              checkpoint_every=100, eval={"lengths": [64, 128], "chunks": 2, "mode": "sequential", "stride": 32},
+              rope={"spectrum": "geo_10k", "scaling": {"type": "dynamic", "factor": 2.0, "original_max": SEQ}})
     try:
         proc = start(out)
         wait_for(lambda: any(r["step"] >= 5 for r in read_loss_curve(out)), 120, "step 5", proc)
@@ -310,3 +317,7 @@ def test_a_tracker_that_fails_never_stops_training(tmp_path):
     assert sorted(scalars["train/loss"]) == list(range(1, steps + 1))
     assert scalars["eval/ppl_128"] == {steps: pytest.approx(read_json(out / RESULTS)["ppl"]["128"], rel=1e-6)}
     assert set(read_json(out / TRACKING)) == {"tensorboard", live}  # the dead one got no id to keep
+    evals = read_json(out / "eval_per_length.json")
+    assert evals["dynamic"]["ratio"] == {"64": 1.0, "128": 3.0}  # 2 * 128 / 64 - (2 - 1)
+    assert set(evals["sliding"]["lengths"]) == {"64", "128"} and evals["sliding"]["stride"] == 32
+    assert scalars["eval/ppl_sliding_128"] == {steps: pytest.approx(evals["sliding"]["lengths"]["128"]["ppl"])}
