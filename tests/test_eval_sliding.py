@@ -6,12 +6,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_evaluate import direct_loss, trained_tiny, val_tokens  # noqa: F401  (fixture re-export)
+from test_evaluate import TINY, direct_loss, trained_tiny
 from train import spectra
 from train.eval_spec import evaluate_spec
 from train.evaluate import evaluate_lengths, evaluate_sliding, sliding_window_loss, sliding_windows
 from train.model import GPT
 from train.spec import validate
+
+
+@pytest.fixture(scope="module")
+def val_tokens(tmp_path_factory):
+    """A real uint16 memmap, as the token cache stores it (test_evaluate's data, once per module)."""
+    rng = np.random.default_rng(0)
+    tokens = np.tile(rng.integers(0, TINY.vocab_size, 48), 60).astype(np.uint16)
+    path = tmp_path_factory.mktemp("sliding") / "tokens.bin"
+    tokens.tofile(path)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+@pytest.fixture(scope="module")
+def model(val_tokens):
+    return trained_tiny(val_tokens)
 
 
 def test_windows_score_every_target_once():
@@ -52,8 +67,7 @@ def hf_guide_sliding_ppl(model, tokens, n_targets, max_length, stride):
     return math.exp(nll_sum / n_tokens)
 
 
-def test_stride_equal_to_length_is_the_contiguous_perplexity(val_tokens):
-    model = trained_tiny(val_tokens)
+def test_stride_equal_to_length_is_the_contiguous_perplexity(val_tokens, model):
     lengths, chunks = [64, 128, 512, 4096], 4
     contiguous = evaluate_lengths(model, val_tokens, lengths, chunks)
     for length in (64, 128, 512):
@@ -67,8 +81,7 @@ def test_stride_equal_to_length_is_the_contiguous_perplexity(val_tokens):
 
 
 @pytest.mark.parametrize("length, stride", [(128, 32), (256, 100)])
-def test_small_stride_matches_the_reference_loop(val_tokens, length, stride):
-    model = trained_tiny(val_tokens)
+def test_small_stride_matches_the_reference_loop(val_tokens, model, length, stride):
     n = 4 * length
     want = hf_guide_sliding_ppl(model, val_tokens, n, length, stride)
     for batch_size in (1, 3):
@@ -93,8 +106,7 @@ def spec_for(tmp_path, scaling, stride=None):
     return validate(raw)
 
 
-def test_dynamic_run_evaluates_each_length_with_its_own_frequencies(val_tokens, tmp_path):
-    model = trained_tiny(val_tokens)
+def test_dynamic_run_evaluates_each_length_with_its_own_frequencies(val_tokens, model, tmp_path):
     scaling = {"type": "dynamic", "factor": 4.0, "original_max": 32}
     spec = spec_for(tmp_path, scaling, stride=16)
     before = model.inv_freq.clone()
@@ -120,8 +132,7 @@ def test_dynamic_run_evaluates_each_length_with_its_own_frequencies(val_tokens, 
             assert got["ppl"] != pytest.approx(static, rel=1e-5)
 
 
-def test_other_scalings_evaluate_as_before(val_tokens, tmp_path):
-    model = trained_tiny(val_tokens, steps=5)
+def test_other_scalings_evaluate_as_before(val_tokens, model, tmp_path):
     spec = spec_for(tmp_path, None)
     result = evaluate_spec(model, val_tokens, spec, "cpu")
     assert result == evaluate_lengths(model, val_tokens, [32, 128, 512], 2)
