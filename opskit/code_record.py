@@ -8,13 +8,14 @@ Git through subprocess, no torch. At launch opskit records, from the checkout it
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from opskit.errors import OpsError
-from train.contract import code_dirty
+from train.contract import CODE_DIFF, code_dirty
 
 MAX_UNTRACKED_BYTES = 1 << 20  # an untracked file above this (data, a checkpoint) is named, not copied
 HEADER = "# opskit code.diff: uncommitted changes against commit {commit} ({branch}); `git apply` it there"
@@ -108,6 +109,16 @@ def environment_text(python: str | None = None) -> str:
         why = proc.stderr.strip().splitlines()
         raise OpsError(f"{argv[0]} could not list its packages: {why[-1] if why else f'exit {proc.returncode}'}")
     return proc.stdout
+
+
+def read_record(run_dir: str | Path) -> dict | None:
+    """{"commit", "dirty"} from a run directory's code.diff (for `runs show`), None without one."""
+    dirty = code_dirty(run_dir)
+    if dirty is None:
+        return None
+    first = (Path(run_dir) / CODE_DIFF).open(errors="replace").readline()
+    m = re.search(r"against commit ([0-9a-f]{7,64})\b", first)
+    return {"commit": m.group(1) if m else None, "dirty": dirty}
 
 
 def launched_dirty(run_dir: str | Path) -> bool | None:

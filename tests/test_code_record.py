@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from opskit.code_record import MAX_UNTRACKED_BYTES, environment_text, launched_dirty, record_code
+from opskit.code_record import MAX_UNTRACKED_BYTES, environment_text, launched_dirty, read_record, record_code
 from train.contract import CODE_DIFF, ENVIRONMENT, PULLABLE, PULLABLE_SUFFIXES
 
 
@@ -68,6 +68,7 @@ def test_dirty_tree_diff_applies_to_its_commit(tmp_path):
     assert launched_dirty(run_dir) is None  # no code.diff: launched before code was recorded
     (run_dir / CODE_DIFF).write_text(rec.diff)
     assert launched_dirty(run_dir) is True
+    assert read_record(run_dir) == {"commit": head, "dirty": True}
 
 
 def test_clean_tree_has_the_header_only(tmp_path):
@@ -78,6 +79,8 @@ def test_clean_tree_has_the_header_only(tmp_path):
     assert rec.diff.count("\n") == 1 and rec.diff.startswith("# opskit code.diff")
     (tmp_path / CODE_DIFF).write_text(rec.diff)
     assert launched_dirty(tmp_path) is False
+    assert read_record(tmp_path) == {"commit": rec.commit, "dirty": False}
+    assert read_record(tmp_path / "nowhere") is None
 
 
 def test_repository_without_commits_and_no_repository(tmp_path):

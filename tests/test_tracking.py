@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from opskit import catalog, planning
+from opskit.errors import OpsError
 from train.contract import CODE_DIFF, RESULTS, TRACKING, pullable_paths, read_json
 from train.heartbeat import read_loss_curve
 from train.spec import SpecError, validate
@@ -67,6 +68,12 @@ def test_matrix_tracking_key_flows_into_the_spec(tmp_path):
     assert spec.tracking == ("tensorboard", "mlflow:http://127.0.0.1:5000") and spec.eval_stride == 64
     # a matrix without the key gives no trackers
     assert catalog.expand(*catalog.resolve_phase("demo"))[0].settings["tracking"] == []
+
+    # launch --tracker adds to the matrix's list, each once; a bad one is refused by name
+    spec = planning.build_spec(run, str(tmp_path), 1, trackers=["wandb", "tensorboard"])
+    assert spec["tracking"] == ["tensorboard", "mlflow:http://127.0.0.1:5000", "wandb"]
+    with pytest.raises(OpsError, match="--tracker neptune: must be tensorboard, wandb or mlflow:URI"):
+        planning.build_spec(run, str(tmp_path), 1, trackers=["neptune"])
 
     bad = src + "tracking: [tensorboard, neptune]\n"
     path.write_text(bad)
