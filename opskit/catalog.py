@@ -53,6 +53,7 @@ class Matrix:
     seeds: tuple[int, ...]
     phases: dict[str, Phase] = field(default_factory=dict)
     downstream: dict = field(default_factory=dict)  # p2 settings: tasks, limit, passkey, suites
+    tracking: tuple[str, ...] = ()  # trackers every run of the matrix logs to (docs/trackers.md)
 
     @property
     def all_configs(self) -> list[str]:
@@ -145,10 +146,10 @@ def _load_file(path: Path) -> Matrix:
     if not isinstance(data, dict):
         v.fail("(top)", "a matrix file must be a mapping")
     unknown = set(data) - {"name", "description", "default", "model", "tokenizer", "data", "train", "eval",
-                           "configs", "seeds", "phases", "downstream"}
+                           "configs", "seeds", "phases", "downstream", "tracking"}
     if unknown:
         v.fail(sorted(unknown)[0], "unknown field (valid: name, description, model, tokenizer, data, train, eval, "
-                                   "configs, seeds, phases, downstream)")
+                                   "configs, seeds, phases, downstream, tracking)")
 
     name = v.get(data, "name", "", str)
     model = v.get(data, "model", "", dict)
@@ -187,6 +188,10 @@ def _load_file(path: Path) -> Matrix:
     if v.get(ev, "mode", "eval", str, required=False, default=EVAL_MODES[0]) not in EVAL_MODES:
         v.fail("eval.mode", f"must be one of {', '.join(EVAL_MODES)}")
     ev.setdefault("mode", EVAL_MODES[0])
+    stride = v.get(ev, "stride", "eval", int, required=False)
+    if stride is not None and stride <= 0:
+        v.fail("eval.stride", "must be a positive number of tokens (sliding-window perplexity), e.g. 256")
+    tracking = _tracking(v, data.get("tracking", []))
 
     groups = v.get(data, "configs", "", dict)
     configs: dict[str, tuple[str, ...]] = {}
@@ -203,7 +208,7 @@ def _load_file(path: Path) -> Matrix:
     downstream = v.get(data, "downstream", "", dict, required=False, default={})
     matrix = Matrix(name=name, path=path, description=data.get("description", ""), preset=preset,
                     tokenizer=tokenizer, data=data_cfg, train=train, eval=ev, configs=configs,
-                    seeds=tuple(seeds), downstream=downstream)
+                    seeds=tuple(seeds), downstream=downstream, tracking=tracking)
     phases_src = v.get(data, "phases", "", dict)
     phases = {p: _load_phase(v, matrix, p, body) for p, body in phases_src.items()}
     for p in phases.values():
@@ -213,6 +218,14 @@ def _load_file(path: Path) -> Matrix:
         if p.kind == "downstream" and not p.after:
             v.fail(f"phases.{p.name}", "a downstream phase needs `after: PHASE` (the runs it evaluates)")
     return dataclasses.replace(matrix, phases=phases)
+
+
+def _tracking(v: _Validator, value: Any) -> tuple[str, ...]:
+    from train.spec import tracking_problem  # pure Python: the spec's own rule
+    problem = tracking_problem(value)
+    if problem:
+        v.fail(f"tracking{problem[0]}", problem[1])
+    return tuple(value)
 
 
 def _check_spectrum(v: _Validator, where: str, name: str) -> None:
@@ -371,7 +384,8 @@ def expand(m: Matrix, phase: Phase, configs: list[str] | None = None, seeds: lis
                 "compile": m.train.get("compile", "auto"),
                 "activation_checkpointing": bool(m.train.get("activation_checkpointing", False)),
                 "eval": {"lengths": list(phase.eval_lengths or m.eval["lengths"]), "chunks": m.eval["chunks"],
-                         "mode": m.eval["mode"]},
+                         "mode": m.eval["mode"], **({"stride": m.eval["stride"]} if m.eval.get("stride") else {})},
+                "tracking": list(m.tracking),
                 "checkpoint_every": m.train["checkpoint_every"], "keep_checkpoints": m.train["keep_checkpoints"],
                 "log_every": m.train["log_every"],
             }

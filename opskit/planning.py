@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opskit.catalog import PlannedRun
+from opskit.errors import OpsError
 from opskit.states import ACTIVE, DONE, QUEUED
 from train import contract as C
+from train.spec import tracking_problem
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,24 @@ def decide_launches(planned: list[PlannedRun], existing: dict[str, dict], rerun:
     return out
 
 
-def build_spec(p: PlannedRun, workdir: str, attempt: int) -> dict:
-    """The run's spec.json (docs/run-directory.md): catalog settings plus identity and paths."""
-    return {
+def build_spec(p: PlannedRun, workdir: str, attempt: int, trackers=()) -> dict:
+    """The run's spec.json (docs/run-directory.md): catalog settings plus identity and paths.
+
+    `trackers` (launch --tracker, repeatable) are added to the matrix's `tracking` list, each once;
+    a bad one is an OpsError naming it."""
+    spec = {
         "run": p.name, "phase": p.phase, "config": p.config, "seed": p.seed, "attempt": attempt,
         **{k: v for k, v in p.settings.items() if k != "matrix"},
         "cache_dir": f"{workdir}/cache",
         "out_dir": str(C.run_dir(workdir, p.name)),
     }
+    if trackers:
+        tracking = list(dict.fromkeys([*spec.get("tracking", []), *trackers]))
+        problem = tracking_problem(tracking)
+        if problem:
+            raise OpsError(f"--tracker {tracking[int(problem[0][1:-1])] if problem[0] else ''}: {problem[1]}")
+        spec["tracking"] = tracking
+    return spec
 
 
 def trainer_command(python: str, nproc: int, spec_path: str, nnodes: int = 1, rdzv: str | None = None,

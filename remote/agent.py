@@ -103,16 +103,13 @@ def manifest(workdir: str, run: str) -> dict:
     """The pullable files of a run (never checkpoints, caches or weights), with size and sha256."""
     run_dir = C.run_dir(workdir, run)
     files = []
-    if run_dir.exists():
-        for path in sorted(run_dir.iterdir()):
-            if not path.is_file():
-                continue  # ckpt/ and any other folder stay behind
-            if path.name in C.PULLABLE or path.suffix in C.PULLABLE_SUFFIXES:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                files.append({"path": path.name, "size": path.stat().st_size, "sha256": h.hexdigest()})
+    for rel in C.pullable_paths(run_dir):  # ckpt/ and every other folder but PULLABLE_DIRS stay behind
+        path = run_dir / rel
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": h.hexdigest()})
     return {"run_dir": str(run_dir), "files": files}
 
 

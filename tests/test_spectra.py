@@ -11,6 +11,7 @@ from train.spectra import (
     SpectrumError,
     apply_scaling,
     describe,
+    dynamic_ratio,
     inv_freq,
     parse_scaling,
     parse_theta,
@@ -211,9 +212,43 @@ def test_parse_scaling():
 
 def test_describe_is_plain_json():
     d = describe("hybrid_a0.2_t100k", 64, Scaling("yarn", 4.0, 2048))
-    assert set(d) == {"name", "head_dim", "inv_freq", "wavelengths", "attention_factor", "scaling"}
+    assert set(d) == {"name", "head_dim", "inv_freq", "wavelengths", "attention_factor", "scaling", "length"}
     json.dumps(d)
     assert d["scaling"] == {"type": "yarn", "factor": 4.0, "original_max": 2048}
     np.testing.assert_allclose(d["wavelengths"], 2 * np.pi / np.array(d["inv_freq"]))
     assert (d["inv_freq"], d["attention_factor"]) == rope_parameters("hybrid_a0.2_t100k", 64, Scaling("yarn", 4.0, 2048))
     assert describe("geo_10000")["attention_factor"] == 1.0 and describe("geo_10000")["scaling"] is None
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("theta_name, theta", [("10000", 1e4), ("500k", 5e5)])
+@pytest.mark.parametrize("factor, original_max", [(4.0, 2048), (8.0, 4096), (2.0, 1024)])
+def test_dynamic_matches_transformers_dynamic_ntk_at_each_length(head_dim, theta_name, theta, factor, original_max):
+    base = inv_freq(f"geo_{theta_name}", head_dim)
+    sc = Scaling("dynamic", factor, original_max)
+    for length in (original_max // 2, original_max, original_max + 1, 3 * original_max, int(factor * original_max)):
+        got, af = apply_scaling(base, sc, head_dim, length=length)
+        want, hf_af = hf_rope("dynamic", head_dim, theta, factor, original_max, seq_len=length)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        assert af == hf_af == 1.0
+        assert (got, af) == rope_parameters(f"geo_{theta_name}", head_dim, sc, length=length)
+    # At initialisation (no length) HF uses max_position_embeddings: the spectrum is unchanged.
+    want, _ = hf_rope("dynamic", head_dim, theta, factor, original_max)
+    np.testing.assert_allclose(apply_scaling(base, sc, head_dim)[0], want, rtol=1e-5)
+    np.testing.assert_allclose(apply_scaling(base, sc, head_dim)[0], base, rtol=1e-12)
+
+
+def test_dynamic_on_any_spectrum_is_ntk_with_the_length_ratio():
+    """ntk stays static; dynamic at T is the same per-frequency base change with ratio s T / L - (s - 1)."""
+    w = inv_freq("hybrid_a0.2_t100k", 64)
+    s, L, T = 4.0, 2048, 8192
+    ratio = dynamic_ratio(Scaling("dynamic", s, L), T)
+    assert ratio == pytest.approx(s * T / L - (s - 1)) == 13.0
+    got, _ = apply_scaling(w, Scaling("dynamic", s, L), 64, length=T)
+    np.testing.assert_allclose(got, apply_scaling(w, Scaling("ntk", ratio, L), 64)[0], rtol=1e-12)
+    # ntk ignores the length
+    assert apply_scaling(w, Scaling("ntk", s, L), 64, length=T) == apply_scaling(w, Scaling("ntk", s, L), 64)
+    d = describe("geo_10000", 64, Scaling("dynamic", s, L), length=T)
+    assert d["length"] == T and d["scaling"]["type"] == "dynamic"
+    with pytest.raises(SpectrumError, match="length"):
+        apply_scaling(w, Scaling("dynamic", s, L), 64, length=0)

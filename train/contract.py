@@ -21,10 +21,19 @@ CKPT_DIR = "ckpt"
 CKPT_COMPLETE_MARKER = ".complete"
 DOWNSTREAM = "downstream.json"  # written by a p2 job (train/p2.py); read by opskit/results/artifacts.py
 PASSKEY = "passkey.json"  # written by a p2 job (train/p2.py)
+CODE_DIFF = "code.diff"  # uncommitted changes at launch (opskit/code_record.py)
+ENVIRONMENT = "environment.txt"  # the trainer python's `pip freeze` at launch (opskit/code_record.py)
+TRACKING = "tracking.json"  # ids of the run in its trackers, reused on resume (train/tracking.py)
+TB_DIR = "tb"  # TensorBoard event files (train/tracking.py)
+WANDB_DIR = "wandb"  # W&B's own run folders (offline ones for `wandb sync`)
 
 # Files `opskit pull` may bring back (never checkpoints, caches or weights).
-PULLABLE = (RESULTS, LOSS_CURVE, EVAL_PER_LENGTH, LOG, STATUS, SPEC, DOWNSTREAM, PASSKEY)
+PULLABLE = (RESULTS, LOSS_CURVE, EVAL_PER_LENGTH, LOG, STATUS, SPEC, DOWNSTREAM, PASSKEY, CODE_DIFF, TRACKING)
 PULLABLE_SUFFIXES = (".png", ".txt", ".csv")
+# Sub-directories pulled whole (small tracker files); every other one (ckpt/, hf/, slurm/) stays.
+# TensorBoard event files are small and come home; W&B's offline folders stay on the box (`wandb sync` them
+# there, or copy them deliberately): their binary .wandb logs are not results `publish` would take.
+PULLABLE_DIRS = (TB_DIR,)
 
 # Trainer phases written to status.json["state"].
 HB_STARTING, HB_TOKENIZING, HB_TRAINING, HB_EVALUATING = "starting", "tokenizing", "training", "evaluating"
@@ -66,6 +75,39 @@ def parse_run_name(name: str) -> tuple[str, str, int]:
 def run_rel(run: str, *names: str) -> str:
     """A path inside a run's directory, relative to the workdir: `runs/<run>/<names...>`."""
     return "/".join((RUNS_DIR, run, *names))
+
+
+def pullable_paths(run_dir: str | os.PathLike) -> list[str]:
+    """Paths (relative, '/'-separated, sorted) of a run directory's files that `opskit pull` brings back:
+    top-level files named in PULLABLE or with a PULLABLE_SUFFIXES suffix, and every plain file under a
+    PULLABLE_DIRS folder. Symlinks are never followed or listed."""
+    root = Path(run_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for path in root.iterdir():
+        if path.is_symlink():
+            continue
+        if path.is_file() and (path.name in PULLABLE or path.suffix in PULLABLE_SUFFIXES):
+            out.append(path.name)
+        elif path.is_dir() and path.name in PULLABLE_DIRS:
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+                for name in filenames:
+                    full = Path(dirpath) / name
+                    if full.is_file() and not full.is_symlink():
+                        out.append(full.relative_to(root).as_posix())
+    return sorted(out)
+
+
+def code_dirty(run_dir: str | os.PathLike) -> bool | None:
+    """Whether the run was launched from a tree with uncommitted changes: its code.diff holds a change
+    (opskit/code_record.py writes a header line even for a clean tree); None without a code.diff."""
+    try:
+        with open(Path(run_dir) / CODE_DIFF, errors="replace") as f:
+            return any(line.startswith("diff --git ") for line in f)
+    except FileNotFoundError:
+        return None
 
 
 def run_dir(workdir: str | os.PathLike, run: str) -> Path:

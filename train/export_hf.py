@@ -45,7 +45,8 @@ def model_plan(spec: dict):
     spectrum, scaling = rope_settings(spec)
     try:
         cfg = presets.get_preset(spec["preset"])
-        inv, factor = spectra.rope_parameters(spectrum, cfg.head_dim, spectra.parse_scaling(scaling))
+        inv, factor = spectra.rope_parameters(spectrum, cfg.head_dim, spectra.parse_scaling(scaling),
+                                              length=spec.get("seq_len"))
     except (KeyError, ValueError) as e:
         raise ExportError(f"spec.json of {spec.get('run', '?')}: {e.args[0] if e.args else e}") from None
     return cfg, inv, factor

@@ -89,11 +89,13 @@ class Heartbeat:
 
 
 class LossCurve:
-    """Appends one JSON line per logging step to loss_curve.jsonl (rank 0 only)."""
+    """Appends one JSON line per logging step to loss_curve.jsonl (rank 0 only); `listeners` (the
+    trackers, train/tracking.py) get each record too."""
 
     def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
         self.path = Path(out_dir) / LOSS_CURVE
         self.enabled = enabled
+        self.listeners: list = []
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with `step` greater than `step` (what a resume from that checkpoint redoes).
@@ -125,6 +127,8 @@ class LossCurve:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
+            for listener in self.listeners:
+                listener(record)
         return record
 
 

@@ -90,7 +90,7 @@ def plan_model(spec: TrainSpec) -> ModelPlan:
         s = spec.scaling
         scaling = spectra.Scaling(s["type"], s["factor"], s["original_max"])
     try:
-        inv, attention_factor = spectra.apply_scaling(inv, scaling, cfg.head_dim)
+        inv, attention_factor = spectra.apply_scaling(inv, scaling, cfg.head_dim, length=spec.seq_len)
     except ValueError as e:
         raise SpecError(f"spec field 'rope.scaling': {_reason(e)}") from None
     return ModelPlan(cfg, list(inv), float(attention_factor))
@@ -307,7 +307,9 @@ def git_commit(code_dir: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def versions(dist_info) -> dict:
+def versions(dist_info, launched_from: str | None = None) -> dict:
+    """`launched_from`: the commit opskit recorded at launch (spec `code_commit`); the synced code on a
+    box has no .git, so it is the one that names the code."""
     import torch
     cuda = dist_info.device.type == "cuda"
     return {
@@ -316,7 +318,7 @@ def versions(dist_info) -> dict:
         "cuda": torch.version.cuda if cuda else None,
         "gpu": torch.cuda.get_device_name(dist_info.device) if cuda else None,
         "gpu_count": dist_info.world_size if cuda else 0,
-        "git_commit": git_commit(Path(__file__).resolve().parent.parent),
+        "git_commit": launched_from or git_commit(Path(__file__).resolve().parent.parent),
     }
 
 
@@ -378,18 +380,17 @@ def run(spec: TrainSpec, dist_info, heartbeat, curve, signals: StopSignals, star
 
     heartbeat.update(state=C.HB_EVALUATING, message=f"evaluating lengths {spec.eval_lengths}")
     log("phase evaluating")
-    from train.evaluate import evaluate_lengths
+    from train.eval_spec import evaluate_spec
     model.eval()
     # fp32 here means "no autocast": FSDP2's policy already computes in `dtype`, as in training.
-    eval_result = evaluate_lengths(model, data.val, spec.eval_lengths, spec.eval_chunks, spec.eval_mode,
-                                   spec.seed, dist_info.device, torch.float32)
+    eval_result = evaluate_spec(model, data.val, spec, dist_info.device, torch.float32)
     tokens_seen = total_steps * spec.tokens_per_step(dist_info.world_size)
     wall = progress.wall_time_s + (time.time() - started)
     if dist_info.is_main:
         atomic_write_json(out_dir / EVAL_PER_LENGTH, eval_result)
         from train.results import results_record
         record = results_record(spec, plan, n_params, total_steps, tokens_seen, progress, eval_result, wall,
-                                dtype_name, versions(dist_info), kernels, dist_info.world_size)
+                                dtype_name, versions(dist_info, spec.raw.get("code_commit")), kernels, dist_info.world_size)
         atomic_write_json(out_dir / RESULTS, record)
         log(f"results: final loss {record['final_train_loss']:.4f}, ppl {record['ppl']}, "
             f"tok/s steady {record['tokens_per_s_steady'] or 0:,.0f} (wall {record['tokens_per_s_wall'] or 0:,.0f}), "
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted:
         return EXIT_INTERRUPTED
 
-    from train import checkpoint
+    from train import checkpoint, tracking
     from train.distributed import init_distributed, shutdown
     from train.heartbeat import Heartbeat, LossCurve
 
@@ -429,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
     log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size {dist_info.world_size} ====")
     code, clean = EXIT_FAILED, True
+    tracker = tracking.Tracker([])
     try:
+        tracker = tracking.open_tracker(spec, dist_info.is_main, curve, reraise=(Interrupted,))  # docs/trackers.md
         code = run(spec, dist_info, heartbeat, curve, signals, started)
     except SpecError as e:
         print(f"error: invalid spec: {e}", file=sys.stderr, flush=True)
@@ -452,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         code, clean = EXIT_FAILED, False
     finally:
         heartbeat.stop()
+        tracker.close(code)
     sys.stdout.flush()
     sys.stderr.flush()
     if not clean and dist_info.world_size > 1:

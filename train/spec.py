@@ -11,8 +11,9 @@ from typing import Any
 
 DTYPES = ("auto", "fp32", "bf16")
 EVAL_MODES = ("sequential", "random")
-SCALING_TYPES = ("pi", "ntk", "yarn")
+SCALING_TYPES = ("pi", "ntk", "yarn", "dynamic")
 COMPILE_AUTO = "auto"  # compile: true, false, or "auto" (on for CUDA, off for CPU)
+TRACKER_KINDS = ("tensorboard", "wandb", "mlflow")  # "mlflow:URI" names the tracking server
 
 
 class SpecError(Exception):
@@ -52,6 +53,8 @@ class TrainSpec:
     log_every: int
     cache_dir: str
     out_dir: str
+    tracking: tuple = ()  # ("tensorboard", "wandb", "mlflow:URI"); docs/trackers.md
+    eval_stride: int | None = None  # sliding-window perplexity stride; None: contiguous chunks only
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.seq_len * self.micro_batch * self.grad_accum * world_size
@@ -149,6 +152,34 @@ def _eval_lengths(ev: dict) -> list:
     return list(lengths)
 
 
+def tracking_problem(value: Any) -> tuple[str, str] | None:
+    """(where, why) of the first bad entry of a tracker list ("" or "[i]"), or None when it is valid:
+    a list of "tensorboard", "wandb", "mlflow:URI", each once."""
+    if not isinstance(value, list):
+        return "", f'must be a list like ["tensorboard", "mlflow:http://HOST:5000"], got {value!r}'
+    for i, item in enumerate(value):
+        kind = item.split(":", 1)[0] if isinstance(item, str) else None
+        if kind not in TRACKER_KINDS or (kind == "mlflow") != (":" in item) or item.endswith(":"):
+            return f"[{i}]", f"must be tensorboard, wandb or mlflow:URI, got {item!r}"
+        if item in value[:i]:
+            return f"[{i}]", f"repeats {item!r}"
+    return None
+
+
+def check_tracking(value: Any, name: str = "tracking") -> tuple:
+    """The trackers of a spec as a tuple, or SpecError naming the bad entry."""
+    problem = tracking_problem(value)
+    if problem:
+        raise SpecError(f"spec field '{name}{problem[0]}' {problem[1]}")
+    return tuple(value)
+
+
+def _stride(ev: dict) -> int | None:
+    if ev.get("stride") is None:
+        return None
+    return _get(ev, "stride", int, "eval.", positive=True)
+
+
 def validate(raw: Any) -> TrainSpec:
     """The checked spec, or SpecError naming the first bad field."""
     if not isinstance(raw, dict):
@@ -188,6 +219,8 @@ def validate(raw: Any) -> TrainSpec:
         log_every=_get(raw, "log_every", int, "", positive=True),
         cache_dir=_abs_path(_get(raw, "cache_dir", str, ""), "cache_dir"),
         out_dir=_abs_path(_get(raw, "out_dir", str, ""), "out_dir"),
+        tracking=check_tracking(raw.get("tracking", [])),
+        eval_stride=_stride(ev),
     )
     if spec.warmup_frac >= 1:
         raise SpecError(f"spec field 'warmup_frac' must be < 1, got {spec.warmup_frac!r}")

@@ -18,7 +18,7 @@ spectrum names (K = head_dim/2 frequencies, k = 0..K-1, THETA like 10000, 100k, 
   hybrid_aALPHA_tTHETA                   (1-ALPHA) geo_THETA + ALPHA anchpoly_p3.9_omf0.3_tTHETA
   where w_min = OMF * THETA^(-(K-1)/K); e.g. geo_500k, anchpoly_p3.9_omf0.3_t100k, hybrid_a0.2_t100k"""
 
-SCALING_TYPES = ("pi", "ntk", "yarn")
+SCALING_TYPES = ("pi", "ntk", "yarn", "dynamic")
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 HYBRID_ANCHPOLY = (3.9, 0.3)  # (p, omf) of the anchpoly half of hybrid_*
@@ -134,8 +134,13 @@ def parse_scaling(obj: dict | None) -> Scaling | None:
     return Scaling(*fields)
 
 
-def apply_scaling(inv_freq: list[float], scaling: Scaling | None, head_dim: int) -> tuple[list[float], float]:
-    """(scaled inv_freq, attention_factor); attention_factor multiplies cos and sin (HF convention)."""
+def apply_scaling(inv_freq: list[float], scaling: Scaling | None, head_dim: int,
+                  length: int | None = None) -> tuple[list[float], float]:
+    """(scaled inv_freq, attention_factor); attention_factor multiplies cos and sin (HF convention).
+
+    `length` is the sequence length T the frequencies are for; only `dynamic` depends on it (None: the
+    original length, where dynamic leaves the spectrum unchanged, as HF does at initialisation).
+    """
     w = list(inv_freq)
     if scaling is None:
         return w, 1.0
@@ -143,10 +148,26 @@ def apply_scaling(inv_freq: list[float], scaling: Scaling | None, head_dim: int)
     if scaling.type == "pi":
         return [x / s for x in w], 1.0
     if scaling.type == "ntk":
-        # Static NTK-aware base change theta' = theta * s^(dim/(dim-2)), written per frequency so it
-        # applies to any spectrum: w_k * (theta'/theta)^(-2k/dim) = w_k * s^(-2k/(dim-2)).
-        return [x * s ** (-2 * k / (dim - 2)) for k, x in enumerate(w)], 1.0
+        return _ntk(w, s, dim), 1.0
+    if scaling.type == "dynamic":
+        return _ntk(w, dynamic_ratio(scaling, length), dim), 1.0
     return _yarn(w, s, scaling.original_max, dim)
+
+
+def _ntk(w: list[float], ratio: float, dim: int) -> list[float]:
+    """NTK-aware base change theta' = theta * ratio^(dim/(dim-2)), written per frequency so it applies
+    to any spectrum: w_k * (theta'/theta)^(-2k/dim) = w_k * ratio^(-2k/(dim-2))."""
+    return [x * ratio ** (-2 * k / (dim - 2)) for k, x in enumerate(w)]
+
+
+def dynamic_ratio(scaling: Scaling, length: int | None) -> float:
+    """HF `dynamic` (dynamic NTK): the base grows by (s T / L - (s - 1))^(dim/(dim-2)) at length
+    T = max(length, L); 1 (no change) up to the original length L."""
+    s, original = scaling.factor, scaling.original_max
+    if length is not None and length <= 0:
+        raise SpectrumError(f"length must be > 0, got {length}")
+    t = max(length or original, original)
+    return s * t / original - (s - 1)
 
 
 def _yarn(w: list[float], s: float, original_max: int, dim: int) -> tuple[list[float], float]:
@@ -184,14 +205,16 @@ def _index_with_rotations(w: list[float], rotations: float, length: int) -> floa
     return j + (a - target) / (a - b)
 
 
-def rope_parameters(name: str, head_dim: int, scaling: Scaling | None = None) -> tuple[list[float], float]:
-    """(inv_freq, attention_factor) for spectrum `name` with an optional scaling: what the model takes."""
-    return apply_scaling(inv_freq(name, head_dim), scaling, head_dim)
+def rope_parameters(name: str, head_dim: int, scaling: Scaling | None = None,
+                    length: int | None = None) -> tuple[list[float], float]:
+    """(inv_freq, attention_factor) for spectrum `name` with an optional scaling: what the model takes
+    (at sequence length `length` for a `dynamic` scaling)."""
+    return apply_scaling(inv_freq(name, head_dim), scaling, head_dim, length)
 
 
-def describe(name: str, head_dim: int = 64, scaling: Scaling | None = None) -> dict:
-    """Plain data for `opskit rope show`."""
-    w, attention_factor = rope_parameters(name, head_dim, scaling)
+def describe(name: str, head_dim: int = 64, scaling: Scaling | None = None, length: int | None = None) -> dict:
+    """Plain data for `opskit rope show` (`length`: the sequence length a `dynamic` scaling is shown at)."""
+    w, attention_factor = rope_parameters(name, head_dim, scaling, length)
     return {
         "name": name,
         "head_dim": head_dim,
@@ -199,4 +222,5 @@ def describe(name: str, head_dim: int = 64, scaling: Scaling | None = None) -> d
         "wavelengths": [2 * math.pi / x for x in w],
         "attention_factor": attention_factor,
         "scaling": asdict(scaling) if scaling else None,
+        "length": length,
     }

@@ -46,9 +46,11 @@ def models(as_json: bool = JSON):
 @rope_app.command("show")
 def rope_show(name: str = typer.Argument(..., help="Spectrum, e.g. geo_500k, hybrid_a0.2_t100k."),
               head_dim: int = typer.Option(64, "--head-dim"),
-              scaling: Optional[str] = typer.Option(None, "--scaling", help="pi, ntk or yarn."),
+              scaling: Optional[str] = typer.Option(None, "--scaling", help="pi, ntk, yarn or dynamic."),
               factor: Optional[float] = typer.Option(None, "--factor", help="Scaling factor s."),
               original_max: Optional[int] = typer.Option(None, "--original-max", help="Original (training) length."),
+              length: Optional[int] = typer.Option(None, "--length", help="Sequence length a dynamic scaling is "
+                                                                          "computed at (HF dynamic NTK)."),
               as_json: bool = JSON):
     """Frequencies, wavelengths and attention factor of a spectrum (with an optional scaling).
 
@@ -61,7 +63,7 @@ def rope_show(name: str = typer.Argument(..., help="Spectrum, e.g. geo_500k, hyb
             raise OpsError("--scaling needs --factor and --original-max")
         sc = spectra.Scaling(scaling, factor, original_max)
     try:
-        d = spectra.describe(name, head_dim=head_dim, scaling=sc)
+        d = spectra.describe(name, head_dim=head_dim, scaling=sc, length=length)
     except ValueError as e:
         raise OpsError(str(e)) from None
     emit(d, as_json, _print_spectrum)

@@ -23,6 +23,8 @@ def launch(
     rerun: bool = typer.Option(False, "--rerun", help="Start done/failed runs again from scratch."),
     wait: bool = typer.Option(False, "--wait", help="Show live status until every launched run has ended."),
     after: Optional[List[str]] = typer.Option(None, "--after", help="Start only once this run is done (repeatable)."),
+    tracker: Optional[List[str]] = typer.Option(None, "--tracker", metavar="tensorboard|wandb|mlflow:URI",
+                                                help="Also log to this tracker (repeatable; docs/trackers.md)."),
     as_json: bool = JSON,
 ):
     """Expand a phase into runs and queue them on a target (each starts detached as GPUs free up).
@@ -34,7 +36,7 @@ def launch(
     with open_store() as store:
         result = operations.launch(store, phase, config, seed, target, matrix, rerun, dry_run,
                                    on_event=lambda m: out.print(f"[dim]{m}[/dim]") if not as_json else None,
-                                   after=after)
+                                   after=after, trackers=tracker)
     emit(result, as_json, lambda rows: _print_launch(out, rows, dry_run))
     if wait and not dry_run:
         started = [r["run"] for r in result if r.get("started") or r.get("queued")]
@@ -224,6 +226,10 @@ def _print_run(d: dict) -> None:
                   f"{e['from_state'] or '-'} -> {e['to_state']}  {e['reason']}")
     if d["artifacts"]:
         out.print("[bold]pulled[/bold]  " + ", ".join(a["path"] for a in d["artifacts"]))
+    code = d.get("code")
+    if code:
+        tree = "a dirty tree (its changes are in code.diff)" if code["dirty"] else "a clean tree"
+        out.print(f"[bold]code[/bold]  launched from {tree} at commit {code['commit'] or '?'}")
 
 
 @app.command()

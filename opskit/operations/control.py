@@ -8,11 +8,14 @@ from pathlib import Path
 
 from opskit import states
 from opskit.errors import OpsError, TargetUnreachable
-from opskit.operations.launch import Notify, quiet, submit_one
+from opskit.code_record import record_code
+from opskit.operations.launch import Notify, code_files, quiet, submit_one
 from opskit.operations.status import refresh
 from opskit.operations.targets import get_target, target_names
 from opskit.store import Store
 from opskit.targets import Target
+from opskit.targets.base import PROJECT_ROOT
+from opskit.transport.rsync import CODE_PATHS
 
 
 def cancel(store: Store, runs: list[str], now: bool = False) -> list[dict]:
@@ -73,7 +76,9 @@ def resume(store: Store, run: str, target: str | None = None, on_event: Notify =
         tgt = _move_run(store, row, tgt, moving_to, on_event)
     tgt.prepare(on_line=on_event)
     tgt.sync()
-    return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False)
+    code = record_code(PROJECT_ROOT, CODE_PATHS)
+    store.update_run(run, spec={**row["spec"], "code_commit": code.commit, "code_dirty": code.dirty})
+    return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False, files=code_files(tgt, code))
 
 
 def _move_run(store: Store, row: dict, src: Target, dst: Target, on_event: Notify) -> Target:
@@ -120,4 +125,6 @@ def run_details(store: Store, run: str) -> dict:
     """One run's record (refreshed from its target first), its state history and pulled files."""
     refresh(store, runs=[run])
     row = store.require_run(run)
-    return {**row, "events": store.events(run), "artifacts": store.artifacts(run)}
+    spec = row.get("spec") or {}
+    code = {"commit": spec["code_commit"], "dirty": spec.get("code_dirty")} if "code_commit" in spec else None
+    return {**row, "code": code, "events": store.events(run), "artifacts": store.artifacts(run)}

@@ -7,10 +7,14 @@ import time
 from typing import Callable
 
 from opskit import catalog, planning, states
+from opskit.code_record import CodeRecord, environment_argv, record_code
 from opskit.errors import OpsError
 from opskit.operations.targets import get_target
 from opskit.store import Store
 from opskit.targets import Target
+from opskit.targets.base import PROJECT_ROOT
+from opskit.transport.rsync import CODE_PATHS
+from train import contract as C
 
 Notify = Callable[[str], None]
 
@@ -21,10 +25,11 @@ def quiet(_msg: str) -> None:
 
 def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: list[int] | None = None,
            target: str = "local", matrix: str | None = None, rerun: bool = False, dry_run: bool = False,
-           on_event: Notify = quiet, after: list[str] | None = None) -> list[dict]:
+           on_event: Notify = quiet, after: list[str] | None = None, trackers: list[str] | None = None) -> list[dict]:
     """Expand the phase, refuse duplicates and bad specs, prepare/sync the target once, then submit
     each run (local/SSH: its queue's supervisor starts it when GPUs free up; SLURM: sbatch).
-    `after`: runs on the same target that must be done before these start."""
+    `after`: runs on the same target that must be done before these start; `trackers`: added to the
+    matrix's `tracking` (docs/trackers.md). Each run records the code it was launched with."""
     m, ph = catalog.resolve_phase(phase, matrix)
     if not configs and ph.from_gate:
         from opskit.results.gate import phase_configs
@@ -32,14 +37,16 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     planned = catalog.expand(m, ph, configs, seeds)
     tgt = get_target(store, target)
     after = list(after or [])
+    code = record_code(PROJECT_ROOT, CODE_PATHS)
     with store.transaction():  # decide and claim at once: two launches of one run never both start it
         existing = {p.name: store.get_run(p.name) for p in planned}
         decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
-        specs = {d.run.name: validated_spec(d.run, tgt.workdir, d.attempt) for d in decisions if d.start}
+        specs = {d.run.name: validated_spec(d.run, tgt.workdir, d.attempt, trackers, code)
+                 for d in decisions if d.start}
         waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run))
                  for d in decisions if d.start}
         if dry_run:
-            return [_dry_run_plan(tgt, d, specs.get(d.run.name), waits.get(d.run.name, [])) for d in decisions]
+            return [_dry_run_plan(tgt, d, specs.get(d.run.name), waits.get(d.run.name, []), code) for d in decisions]
         to_start = [d for d in decisions if d.start]
         for d in to_start:
             store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
@@ -57,8 +64,10 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         tgt.prepare(on_line=on_event)
         _set_state(store, names, states.SYNCING, "syncing code")
         tgt.sync()
+        files = code_files(tgt, code)
         for d in to_start:
-            out.append(submit_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, after=waits[d.run.name]))
+            out.append(submit_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, after=waits[d.run.name],
+                                  files=files))
             handed.add(d.run.name)
     except BaseException as e:  # Ctrl-C or an error halfway: no run may stay "preparing" for ever
         _end_unhanded(store, [n for n in names if n not in handed], e, target)
@@ -66,12 +75,15 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     return out
 
 
-def validated_spec(run: catalog.PlannedRun, workdir: str, attempt: int) -> dict:
+def validated_spec(run: catalog.PlannedRun, workdir: str, attempt: int, trackers=(),
+                   code: CodeRecord | None = None) -> dict:
     """The run's spec.json, checked here with the trainer's own schema (train/spec.py; a p2 job's
     downstream part with train/p2.py), so a bad field fails before any box is touched."""
     from train.p2 import parse_spec as parse_downstream_spec
     from train.spec import SpecError, validate
-    spec = planning.build_spec(run, workdir, attempt)
+    spec = planning.build_spec(run, workdir, attempt, trackers)
+    if code is not None:  # the box's synced code has no .git: results.json names the commit from here
+        spec.update(code_commit=code.commit, code_dirty=code.dirty)
     try:
         validate(spec)
         if "downstream" in spec:
@@ -91,11 +103,22 @@ def _end_unhanded(store: Store, runs: list[str], error: BaseException, target: s
         store.update_run(name, state=state, reason=reason, ended_at=time.time())
 
 
-def _dry_run_plan(tgt: Target, d: planning.LaunchDecision, spec: dict | None, after: list[str]) -> dict:
+def _dry_run_plan(tgt: Target, d: planning.LaunchDecision, spec: dict | None, after: list[str],
+                  code: CodeRecord) -> dict:
     spec = spec or planning.build_spec(d.run, tgt.workdir, d.attempt)
     command = tgt.command(d.run.name, spec)
     return {"run": d.run.name, "start": d.start, "reason": d.reason, "target": tgt.name, "spec": spec,
-            "after": after, "command": command, **tgt.plan(d.run.name, command, d.attempt)}
+            "after": after, "command": command, "code": {"commit": code.commit, "dirty": code.dirty},
+            **tgt.plan(d.run.name, command, d.attempt)}
+
+
+def code_files(tgt: Target, code: CodeRecord) -> dict[str, str]:
+    """What each attempt records of its code (docs/run-directory.md): the uncommitted changes of this
+    checkout and the packages of the target's trainer python."""
+    res = tgt.shell.run(environment_argv(tgt.python), timeout=180, label="pip freeze")
+    why = (res.stderr.strip().splitlines() or [f"exit {res.exit_code}"])[-1]
+    packages = res.stdout if res.exit_code == 0 else f"# {tgt.python} could not list its packages: {why}\n"
+    return {C.CODE_DIFF: code.diff, C.ENVIRONMENT: packages}
 
 
 def _sources(store: Store, ph: catalog.Phase, run: catalog.PlannedRun) -> list[str]:
@@ -125,14 +148,17 @@ def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
 
 
 def submit_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool,
-               after: list[str] | None = None) -> dict:
-    """Write the spec and submit the run; a failure marks only this run failed."""
+               after: list[str] | None = None, files: dict[str, str] | None = None) -> dict:
+    """Write the spec (and `files`: name -> text, into the run directory) and submit the run; a failure
+    marks only this run failed."""
     row = store.require_run(run)
     spec = {**row["spec"], "attempt": attempt}
     try:
         if fresh:
             tgt.reset(run)
         tgt.write_spec(run, spec)
+        for name, text in (files or {}).items():
+            tgt.write_file(C.run_rel(run, name), text)
         gpus = (1 if "downstream" in spec else planning.procs_per_run(tgt.config)) if tgt.gpus else None
         sub = tgt.submit(run, tgt.command(run, spec), attempt, gpus=gpus, after=after or [])
     except OpsError as e:

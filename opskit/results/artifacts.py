@@ -8,7 +8,7 @@ from pathlib import Path
 from opskit.errors import OpsError
 from opskit.states import DONE
 from train import contract
-from train.contract import DOWNSTREAM
+from train.contract import DOWNSTREAM, PASSKEY
 
 
 class ArtifactError(OpsError):
@@ -28,6 +28,7 @@ class RunArtifacts:
     status: dict | None = None
     eval_per_length: dict | None = None
     downstream: dict | None = None
+    passkey: dict | None = None
     loss_curve: list[dict] = field(default_factory=list)
     store_state: str | None = None  # the store's view, for runs that were never pulled
 
@@ -101,6 +102,7 @@ def read_run(path: Path, phase: str, config: str, seed: int) -> RunArtifacts:
         status=_read_json(path / contract.STATUS),
         eval_per_length=_read_json(path / contract.EVAL_PER_LENGTH),
         downstream=_read_json(path / DOWNSTREAM),
+        passkey=_read_json(path / PASSKEY),
         loss_curve=read_loss_curve(path / contract.LOSS_CURVE),
     )
 

@@ -8,6 +8,7 @@ from opskit.errors import OpsError
 from opskit.results.aggregate import Report, build_report, write_tables
 from opskit.results.artifacts import add_expected, load_runs, phases_in
 from opskit.results.figures import FigureResult, make_figures
+from opskit.results.wide import write_wide_tables
 
 RAW = "raw"
 PROCESSED = "processed"
@@ -70,10 +71,12 @@ def collect(results_dir: Path, phase: str | None = None, store=None, config_dir:
 
 
 def make_report(results_dir: Path, phase: str | None = None, store=None, config_dir: Path | None = None) -> ReportOutput:
-    """Write runs.csv, summary.csv, summary.md and figures/*.png under results/processed/."""
+    """Write runs.csv, summary.csv, summary.md, the wide CSVs (ppl_wide.csv, ...) and figures/*.png under
+    results/processed/."""
     report = collect(results_dir, phase, store, config_dir)
     out = Path(results_dir) / PROCESSED
     figures = make_figures(report, out / FIGURES)
     notes = [f"`{f.path.name}`" + (f" ({f.note})" if f.note else "") if f.path else f.note for f in figures]
     tables = write_tables(report, out, notes)
+    tables.update(write_wide_tables(report, out))
     return ReportOutput(report=report, tables=tables, figures=figures)

@@ -58,10 +58,12 @@ class LocalShell(Shell):
 
     def fetch(self, src_dir: str, names: list[str], dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            tmp = dest / f".{name}.partial"
+        for name in names:  # a name may be nested (tb/events...): its folder first
+            final = dest / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.partial")
             shutil.copyfile(Path(src_dir) / name, tmp)
-            tmp.replace(dest / name)
+            tmp.replace(final)
 
     def expand_home(self, path: str) -> str:
         return os.path.expanduser(path)
