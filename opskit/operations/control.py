@@ -77,7 +77,8 @@ def resume(store: Store, run: str, target: str | None = None, on_event: Notify =
     tgt.prepare(on_line=on_event)
     tgt.sync()
     code = record_code(PROJECT_ROOT, CODE_PATHS)
-    store.update_run(run, spec={**row["spec"], "code_commit": code.commit, "code_dirty": code.dirty})
+    spec = store.require_run(run)["spec"]  # a move has just pointed it at the other target
+    store.update_run(run, spec={**spec, "code_commit": code.commit, "code_dirty": code.dirty})
     return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False, files=code_files(tgt, code))
 
 
