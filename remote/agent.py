@@ -25,6 +25,7 @@ The box's ledger, idle action and notifications (remote/box.py; docs/cost-and-no
 
     agent.py box-state --workdir W [--since N --ledger-id ID] [--config-stdin] [--ensure]
     agent.py mark-pulled --workdir W --run R --attempt A --as-of T    (after opskit pull)
+    agent.py idle-hold --workdir W --seconds S       (setting up: no idle action for S seconds; 0 ends it)
 """
 from __future__ import annotations
 
@@ -140,13 +141,15 @@ def reset(workdir: str, run: str) -> dict:
 
 
 QUEUE_OPS = ("enqueue", "dequeue", "queue-move", "queue-state", "ensure-supervisor")
-BOX_OPS = ("box-state", "mark-pulled")
+BOX_OPS = ("box-state", "mark-pulled", "idle-hold")
 
 
 def box_op(a: argparse.Namespace) -> dict:
     from remote import box  # loaded only for these operations
     if a.op == "mark-pulled":
         return box.mark_pulled(a.workdir, a.run, a.attempt, a.as_of)
+    if a.op == "idle-hold":
+        return box.hold(a.workdir, a.seconds)
     config = json.loads(sys.stdin.read())["config"] if a.config_stdin else None
     return box.box_state(a.workdir, a.since, a.ledger_id, config, a.ensure)
 
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config-stdin", action="store_true")
     p.add_argument("--attempt", type=int, default=1)
     p.add_argument("--as-of", type=float, default=0.0)
+    p.add_argument("--seconds", type=float, default=0.0)
     a = p.parse_intermixed_args(argv)  # run names may come before or after the options
     if a.op == "tail":
         return tail(a.workdir, a.run, a.lines, a.follow)

@@ -9,11 +9,11 @@ import time
 from opskit.ledger import watched
 from remote import notify as N
 from remote import queue_dir as D
-from remote.idle_action import RECORD, mark_pulled
+from remote.idle_action import RECORD, hold, mark_pulled
 from remote.ledger import read_since
 from train import contract as C
 
-__all__ = ["box_state", "mark_pulled"]
+__all__ = ["box_state", "hold", "mark_pulled"]
 
 
 def box_state(workdir: str, since: int = 0, ledger_id: str | None = None, config: dict | None = None,

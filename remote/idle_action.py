@@ -18,6 +18,7 @@ from remote.queue_dir import entries, log
 from train import contract as C
 
 RECORD = "idle_action.json"
+HOLD = "idle_hold"  # in <workdir>/queue/: "<until>", written while opskit sets the box up (agent idle-hold)
 TIMEOUT_S = 600.0
 OUTPUT_CHARS = 2000
 PULL_CHECK_S = 2.0  # how often a box waiting for `opskit pull` looks for the markers again
@@ -59,6 +60,22 @@ def mark_pulled(workdir: str, run: str, attempt: int, as_of: float) -> dict:
     return {"marked": True, "run": run, "attempt": attempt}
 
 
+def hold(workdir: str, seconds: float) -> dict:
+    """Count the box as busy for `seconds` from now (0: no longer): opskit is preparing it."""
+    path = Path(workdir) / "queue" / HOLD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    until = time.time() + seconds if seconds > 0 else 0.0
+    C.atomic_write_text(path, f"{until:.3f}\n")
+    return {"held_until": until or None}
+
+
+def held_until(workdir: str) -> float:
+    try:
+        return float((Path(workdir) / "queue" / HOLD).read_text().strip())
+    except (OSError, ValueError):
+        return 0.0
+
+
 class IdleAction:
     def __init__(self, workdir: str):
         self.workdir = workdir
@@ -87,7 +104,7 @@ class IdleAction:
         cmd, after = config.get("on_idle"), float(config.get("idle_after_s") or 0)
         if not cmd or not after:
             return
-        if busy:
+        if busy or now < held_until(self.workdir):
             self._save(phase=BUSY, idle_since=None, unpulled=[], fires_at=None)
             return
         since = self.record.get("idle_since") or now

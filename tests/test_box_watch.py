@@ -122,9 +122,12 @@ def test_the_idle_action_waits_for_the_pull_and_runs_once(tmp_path, workdirs):
         act = tgt.box_state()["idle_action"]
         assert act["unpulled"] == [runs[1]] and not actions.exists()
 
-        operations.pull(store, [runs[1]], str(tmp_path / "results"))
+        with tgt.setting_up():  # what launch does around prepare: setting the box up is not idle
+            operations.pull(store, [runs[1]], str(tmp_path / "results"))
+            time.sleep(2.5)
+            assert not actions.exists() and tgt.box_state()["idle_action"]["phase"] == L.ACTION_BUSY
         B.wait_until(actions.exists, timeout=10, what="the idle action")
-        time.sleep(3)  # it runs once per idle stretch, not once per pass
+        time.sleep(2)  # it runs once per idle stretch, not once per pass
         assert actions.read_text() == "stopping\n"
         act = tgt.box_state()["idle_action"]
         assert act["phase"] == L.ACTION_RAN and act["exit_code"] == 0 and act["output"] == "bye\n"

@@ -18,6 +18,7 @@ def cost(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only t
     A run's cost is its share of the box's GPUs x the time it was active; a target's, the hours it was
     held, busy and idle (SLURM: its jobs' elapsed time x GPUs). Prices come from `targets add
     --price-per-hour`; a run that never started costs nothing.
+
     Example: opskit cost --phase p1
     """
     from opskit import operations

@@ -67,9 +67,9 @@ def targets_add(
 ):
     """Register a target.
 
+    \b
     Example: opskit targets add box1 --ssh ubuntu@203.0.113.7 --key ~/.ssh/id_ed25519 --gpus 2
-    Example: opskit targets add box1 --ssh ubuntu@203.0.113.7 --gpus 2 --price-per-hour 4.40 \
-             --notify https://hooks.slack.com/services/T0/B0/XXXX --idle-after 1800 --on-idle 'sudo shutdown -h now'
+    Example: opskit targets add box1 --ssh ubuntu@203.0.113.7 --price-per-hour 4.40 --notify URL --idle-after 1800 --on-idle 'sudo poweroff'
     Example: opskit targets add ws --local --gpus 4 --workdir /scratch/opskit
     Example: opskit targets add cluster --slurm --partition gpu --nodes 2 --gpus-per-node 8 --time 24:00:00
     """

@@ -136,8 +136,9 @@ def prepare_target(store: Store, name: str, on_line=print) -> dict:
     The box gets the target's settings now (price, notifications, idle action; else at the next launch)
     and a watched one a supervisor that keeps its ledger from now on."""
     tgt = get_target(store, name)
-    tgt.prepare(on_line=on_line)
-    tgt.sync()
+    with tgt.setting_up():
+        tgt.prepare(on_line=on_line)
+        tgt.sync()
     tgt.ensure_supervisor()
     if tgt.kind != "slurm":
         tgt.box_state()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,7 @@ QUEUE_KEYS = ("gpus_per_run", "max_parallel", "base_port", "idle_exit_s", "poll_
 WATCH_KEYS = ("price_per_hour", "notify", "idle_after_s", "on_idle", "idle_even_unpulled", "stall_after_s",
               "gpu_idle_pct", "gpu_idle_window_s")
 PREPARE_TIMEOUT_S = 3 * 3600  # a cold box downloads torch
+SETUP_HOLD_S = 3600  # the idle action waits this long at most for a launch that sets the box up
 PROBE_TIMEOUT_S = 120
 
 
@@ -288,6 +290,26 @@ class Target:
         """What the supervisor shares out: GPU count (may be a fake one), GPUs per run, limits."""
         return {"gpus": self.gpus, "target": self.name,
                 **{k: self.config[k] for k in QUEUE_KEYS + WATCH_KEYS if self.config.get(k) is not None}}
+
+    @contextmanager
+    def setting_up(self):
+        """Hold the box's idle action while opskit prepares the box and queues runs on it: setting up
+        is not idle (a box whose code is not there yet has no supervisor to hold)."""
+        held = bool(self.config.get("on_idle"))
+        if held:
+            held = self._hold_idle(SETUP_HOLD_S)
+        try:
+            yield
+        finally:
+            if held:
+                self._hold_idle(0)
+
+    def _hold_idle(self, seconds: float) -> bool:
+        try:
+            self.agent_json(["idle-hold", "--workdir", self.workdir, "--seconds", str(seconds)])
+            return True
+        except OpsError:
+            return False
 
     def box_state(self, since: int = 0, ledger_id: str | None = None) -> dict:
         """The box's ledger from byte `since`, its supervisor, idle action and notifications (agent
