@@ -81,7 +81,10 @@ def _length(n: str) -> str:
 def run_message(event: str, target: str, run: str, attempt: int, state: str, reason: str, run_dir: Path,
                 now: float | None = None) -> dict:
     """The message of a run that ended or stalled: a Slack-compatible `text` and the fields."""
-    hb = C.read_json(run_dir / C.STATUS) if (run_dir / C.STATUS).exists() else None
+    try:
+        hb = C.read_json(run_dir / C.STATUS)
+    except ValueError:  # a heartbeat that is not JSON says nothing
+        hb = None
     hb = hb if isinstance(hb, dict) and hb.get("attempt", attempt) == attempt else {}
     ppl = None
     if state == states.DONE:

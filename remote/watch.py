@@ -81,15 +81,15 @@ class RunNotices:
             self._load(d)
         target = config.get("target") or socket.gethostname()
         for seq in sorted(self._finished(d) - self.notified):
-            self._mark(seq)
             try:
                 entry = json.loads((d / "finished" / f"{seq:06d}.json").read_text())
             except (OSError, ValueError):
-                continue
-            msg = self._ended(entry, started + pending, target, now)
-            if msg:
+                entry = None
+            msg = self._ended(entry, started + pending, target, now) if entry else None
+            if msg:  # into the outbox before it counts as announced: a crash between repeats, never loses
                 self.outbox.add(urls, msg)
                 self.ended[msg["state"]] = self.ended.get(msg["state"], 0) + 1
+            self._mark(seq)
         if now - self._checked_at >= STALL_CHECK_S:
             self._checked_at = now
             self._stalls(config, started, target, urls, now)
