@@ -2,7 +2,8 @@
 a named local target with two (claimed) GPUs packs four one-GPU runs two at a time and POSTs their
 ends to a real HTTP server on 127.0.0.1 while no opskit command runs, past a URL that hangs and one
 that refuses; the idle action waits for `opskit pull` and runs once; a run's cost is its recorded
-busy time x its share of the box x the price. The same packing over a real sshd: test_box_watch_ssh.py.
+busy time x its share of the box x the price; a training run whose GPUs sit idle is announced
+stalled ("GPUs idle") by the box. The same packing over a real sshd: test_box_watch_ssh.py.
 """
 from __future__ import annotations
 
@@ -184,3 +185,19 @@ def test_a_runs_cost_is_its_recorded_busy_time_times_its_share_and_the_price(tmp
     shown = json.loads(opskit(tmp_path, "cost", "--target", "box", "--json"))
     assert {r["run"] for r in shown["runs"]} == set(runs) and shown["targets"][0]["price_per_hour"] == price
     assert "c/a/s1" in opskit(tmp_path, "cost")
+
+
+def test_a_training_run_whose_gpus_sit_idle_is_announced_stalled_by_the_box(tmp_path, hook, workdirs):
+    wd = workdirs("gpu")
+    # the heartbeat of a training run whose GPUs have idled for 11 minutes (train/gpu_monitor.py's fields)
+    beat = ("import json, time; t = time.time(); b = [[t - t % 30 - 30 * i, 2.0] for i in range(23)][::-1]; "
+            "json.dump({'state': 'training', 'attempt': 1, 'updated_at': t, 'progress_at': t, 'step': 40, "
+            "'total_steps': 100, 'loss': 3.5, 'gpu_util': 2.0, 'gpu_util_max': b}, open('status.json', 'w')); "
+            "time.sleep(12)")
+    with Store(tmp_path / "state.db") as store:
+        operations.add_target(store, "gpu", "local", {"workdir": str(wd), "gpus": 1, "notify": [f"{hook.url}/g"]})
+        operations.get_target(store, "gpu").submit("g/c/s1", [sys.executable, "-c", beat], attempt=1)
+    got = hook.wait_for(lambda r: any(m["event"] == "run_stalled" for m in r), timeout=40, what="the stall")
+    stall = next(m for m in got if m["event"] == "run_stalled")
+    assert stall["run"] == "g/c/s1" and stall["state"] == "stalled" and stall["reason"].startswith("GPUs idle")
+    assert stall["step"] == 40 and "stalled on gpu: GPUs idle: utilisation under 10%" in stall["text"]
