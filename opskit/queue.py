@@ -77,6 +77,15 @@ def dependency_state(after: list[str], run_states: dict[str, str]) -> tuple[bool
     return True, None
 
 
+def blocked(config: dict, entry: dict, run_states: dict[str, str]) -> bool:
+    """Whether a pending entry cannot start without someone acting: it asks for more GPUs than the
+    target has, or waits for a run that ended without being done or is not on this target."""
+    if units_per_run(config, entry.get("gpus")) > slot_count(config):
+        return True
+    return any(run_states.get(dep, NOT_HERE) == NOT_HERE or run_states.get(dep) in states.ENDED - {states.DONE}
+               for dep in entry.get("after") or [])
+
+
 def plan_starts(config: dict, pending: list[dict], running: list[dict], run_states: dict[str, str],
                 port_ok: Callable[[int], bool] = lambda port: True, port_offset: int = 0) -> Plan:
     """Which pending entries start now, in queue order.

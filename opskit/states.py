@@ -32,6 +32,11 @@ SCHEDULER_ENDED = {"CANCELLED": CANCELLED, "TIMEOUT": FAILED, "OUT_OF_MEMORY": F
                    "BOOT_FAIL": FAILED, "NODE_FAIL": LOST, "PREEMPTED": LOST}
 
 DEFAULT_STALL_AFTER_S = 300.0  # ten missed heartbeats (the trainer beats at least every 30 s)
+# A training run whose GPUs all stay below this utilisation (%) for this long is stalled ("GPUs idle");
+# target settings `gpu_idle_pct` (0: never) and `gpu_idle_window_s` (docs/cost-and-notifications.md).
+DEFAULT_GPU_IDLE_PCT = 10.0
+DEFAULT_GPU_IDLE_WINDOW_S = 600.0
+MAX_GPU_IDLE_WINDOW_S = C.GPU_BUCKET_S * C.GPU_BUCKETS  # what the heartbeat's buckets cover
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,36 @@ def report_interval_s(status: dict | None, log_every: int | None) -> float | Non
     return log_every * (tokens / step) / tps
 
 
+def stall_rules(config: dict) -> dict:
+    """A target config's stall settings as keyword arguments of derive_state / next_state."""
+    return {"stall_after_s": float(config.get("stall_after_s") or DEFAULT_STALL_AFTER_S),
+            "gpu_idle_pct": float(config.get("gpu_idle_pct", DEFAULT_GPU_IDLE_PCT)),
+            "gpu_idle_window_s": float(config.get("gpu_idle_window_s") or DEFAULT_GPU_IDLE_WINDOW_S)}
+
+
+def gpus_idle_s(hb: dict, now: float, pct: float, window_s: float) -> float | None:
+    """How long the run's GPUs have stayed below `pct` % utilisation, from the heartbeat's buckets
+    (train/gpu_monitor.py), when that is at least `window_s`; None otherwise, or with no fresh samples
+    (a CPU run, a monitor that stopped)."""
+    buckets = hb.get("gpu_util_max") or []
+    if not pct or not buckets or now - float(buckets[-1][0]) > 3 * C.GPU_BUCKET_S:
+        return None
+    since = None
+    for start, highest in reversed(buckets):
+        if float(highest) >= pct:
+            break
+        since = float(start)
+    if since is None or now - since < window_s:
+        return None
+    return now - since
+
+
 def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
-                 log_every: int | None = None) -> tuple[str, str]:
+                 log_every: int | None = None, gpu_idle_pct: float = DEFAULT_GPU_IDLE_PCT,
+                 gpu_idle_window_s: float = DEFAULT_GPU_IDLE_WINDOW_S) -> tuple[str, str]:
     """(state, reason) for one observation. `log_every` (the spec's) lets a training run whose
-    progress reports are further apart than `stall_after_s` wait three of its own intervals."""
+    progress reports are further apart than `stall_after_s` wait three of its own intervals; a
+    training run whose GPUs stay under `gpu_idle_pct` for `gpu_idle_window_s` is stalled too."""
     hb = obs.status or {}
     hb_state = hb.get("state")
     tail = f"; log: {obs.log_tail}" if obs.log_tail else ""
@@ -101,6 +132,9 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
     allowed = max(stall_after_s, 3 * (report_interval_s(hb, log_every) or 0))
     if hb_state == C.HB_TRAINING and quiet > allowed:  # the beat goes on but no step is reported
         return STALLED, f"alive, no training progress for {quiet:.0f}s"
+    idle_s = gpus_idle_s(hb, obs.now, gpu_idle_pct, gpu_idle_window_s) if hb_state == C.HB_TRAINING else None
+    if idle_s is not None:
+        return STALLED, f"GPUs idle: utilisation under {gpu_idle_pct:g}% for {idle_s:.0f}s"
     state = _LIVE_FROM_HEARTBEAT.get(hb_state)
     if state:
         return state, "heartbeat"
@@ -109,7 +143,9 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
 
 
 def next_state(row: dict, obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
-               queue_fields: dict | None = None, now: float | None = None) -> tuple[str, str | None, dict]:
+               queue_fields: dict | None = None, now: float | None = None,
+               gpu_idle_pct: float = DEFAULT_GPU_IDLE_PCT,
+               gpu_idle_window_s: float = DEFAULT_GPU_IDLE_WINDOW_S) -> tuple[str, str | None, dict]:
     """(state, reason, fields) for the store's `row` of a run after its target observed `obs`.
 
     `queue_fields`: what the target's queue says of this attempt (opskit.queue.queue_fields), with
@@ -125,7 +161,7 @@ def next_state(row: dict, obs: Observation, stall_after_s: float = DEFAULT_STALL
         obs = dataclasses.replace(obs, status=None)
     fields = dict(queue_fields or {})
     start_error = fields.pop("start_error", None)
-    state, reason = derive_state(obs, stall_after_s, spec.get("log_every"))
+    state, reason = derive_state(obs, stall_after_s, spec.get("log_every"), gpu_idle_pct, gpu_idle_window_s)
     if row["state"] in NOT_HANDED and not obs.started:
         state = row["state"]
     if start_error and not obs.started:
@@ -151,6 +187,6 @@ def progress_fields(status: dict | None) -> dict:
         return {}
     out = {k: status.get(k) for k in ("step", "total_steps", "tokens", "loss", "tokens_per_s", "eta_s",
                                       "cache_bytes", "cache_tokens", "cache_target_tokens",
-                                      "checkpoint_step", "message")}
+                                      "checkpoint_step", "message", "gpu_util", "gpu_mem_mb", "gpu_power_w")}
     out["heartbeat_at"] = status.get("updated_at")
     return {k: v for k, v in out.items() if v is not None}

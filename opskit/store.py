@@ -18,7 +18,7 @@ import sqlite_utils
 from opskit.errors import OpsError, unknown_name
 from opskit.states import ALL_STATES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 DEFAULT_PATH = "state.db"
 
@@ -47,7 +47,14 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db["gates"].create({"id": int, "matrix": str, "phase": str, "decided_at": float, "decision": str}, pk="id")
 
 
-MIGRATIONS = {1: _migration_1}
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """GPU samples of a run's heartbeat; what opskit last read of each box's ledger (cost, status)."""
+    for col in ("gpu_util", "gpu_mem_mb", "gpu_power_w"):
+        db["runs"].add_column(col, float)
+    db["box_records"].create({"target": str, "key": str, "data": str, "fetched_at": float}, pk=("target", "key"))
+
+
+MIGRATIONS = {1: _migration_1, 2: _migration_2}
 
 
 class Store:
@@ -186,6 +193,19 @@ class Store:
 
     def events(self, run: str) -> list[dict]:
         return list(self.db["events"].rows_where("run = ?", [run], order_by="id"))
+
+    # ------------------------------------------------------------ what opskit read of a box
+
+    def put_box_record(self, target: str, key: str, data: dict) -> None:
+        """Keep a copy of something read from a target (a ledger, SLURM's accounting), by key."""
+        with self.transaction():
+            self.db["box_records"].insert({"target": target, "key": key, "data": json.dumps(data),
+                                           "fetched_at": time.time()}, replace=True)
+
+    def box_records(self, target: str | None = None) -> list[dict]:
+        rows = self.db["box_records"].rows_where("target = ?" if target else None, [target] if target else [],
+                                                 order_by="target, fetched_at")
+        return [{**r, "data": json.loads(r["data"])} for r in rows]
 
     # ------------------------------------------------------------ artifacts and gates
 

@@ -20,6 +20,12 @@ Queue operations (the queue's files: remote/queue_dir.py; its supervisor: remote
     agent.py queue-move --workdir W --run R --top
     agent.py queue-state --workdir W [--ensure]       (--ensure: restart a dead supervisor first)
     agent.py ensure-supervisor --workdir W           (start the supervisor if work waits and none runs)
+
+The box's ledger, idle action and notifications (remote/box.py; docs/cost-and-notifications.md):
+
+    agent.py box-state --workdir W [--since N --ledger-id ID] [--config-stdin] [--ensure]
+    agent.py mark-pulled --workdir W --run R --attempt A --as-of T    (after opskit pull)
+    agent.py idle-hold --workdir W --seconds S       (setting up: no idle action for S seconds; 0 ends it)
 """
 from __future__ import annotations
 
@@ -102,6 +108,7 @@ def _reader_gone() -> bool:
 def manifest(workdir: str, run: str) -> dict:
     """The pullable files of a run (never checkpoints, caches or weights), with size and sha256."""
     run_dir = C.run_dir(workdir, run)
+    now = time.time()  # the files are as the box had them from this moment (mark-pulled --as-of)
     files = []
     for rel in C.pullable_paths(run_dir):  # ckpt/ and every other folder but PULLABLE_DIRS stay behind
         path = run_dir / rel
@@ -110,7 +117,7 @@ def manifest(workdir: str, run: str) -> dict:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         files.append({"path": rel, "size": path.stat().st_size, "sha256": h.hexdigest()})
-    return {"run_dir": str(run_dir), "files": files}
+    return {"run_dir": str(run_dir), "files": files, "now": now}
 
 
 def write(workdir: str, rel: str) -> dict:
@@ -134,6 +141,17 @@ def reset(workdir: str, run: str) -> dict:
 
 
 QUEUE_OPS = ("enqueue", "dequeue", "queue-move", "queue-state", "ensure-supervisor")
+BOX_OPS = ("box-state", "mark-pulled", "idle-hold")
+
+
+def box_op(a: argparse.Namespace) -> dict:
+    from remote import box  # loaded only for these operations
+    if a.op == "mark-pulled":
+        return box.mark_pulled(a.workdir, a.run, a.attempt, a.as_of)
+    if a.op == "idle-hold":
+        return box.hold(a.workdir, a.seconds)
+    config = json.loads(sys.stdin.read())["config"] if a.config_stdin else None
+    return box.box_state(a.workdir, a.since, a.ledger_id, config, a.ensure)
 
 
 def queue_op(a: argparse.Namespace) -> dict:
@@ -163,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         i = argv.index("--")
         argv, cmd = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="agent.py")
-    p.add_argument("op", choices=["start", "observe", "signal", "tail", "manifest", "write", "reset", *QUEUE_OPS])
+    p.add_argument("op", choices=["start", "observe", "signal", "tail", "manifest", "write", "reset", *QUEUE_OPS,
+                                  *BOX_OPS])
     p.add_argument("runs", nargs="*")
     p.add_argument("--workdir", required=True)
     p.add_argument("--run")
@@ -175,11 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", action="store_true")
     p.add_argument("--ensure", action="store_true")
     p.add_argument("--queue", action="store_true", help="observe: also the queue's state (one round trip)")
+    p.add_argument("--since", type=int, default=0)
+    p.add_argument("--ledger-id")
+    p.add_argument("--config-stdin", action="store_true")
+    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--as-of", type=float, default=0.0)
+    p.add_argument("--seconds", type=float, default=0.0)
     a = p.parse_intermixed_args(argv)  # run names may come before or after the options
     if a.op == "tail":
         return tail(a.workdir, a.run, a.lines, a.follow)
     if a.op in QUEUE_OPS:
         return print(json.dumps(queue_op(a)))
+    if a.op in BOX_OPS:
+        return print(json.dumps(box_op(a)))
     if a.op == "start":
         result = start(a.workdir, a.run, cmd, dict(e.split("=", 1) for e in a.env))
     elif a.op == "observe":

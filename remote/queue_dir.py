@@ -205,10 +205,11 @@ def has_work(workdir: str) -> bool:
     return any((d / "pending").glob("*.json")) or any((d / "started").glob("*.json"))
 
 
-def ensure_running(workdir: str) -> dict:
-    """Start the supervisor, detached, when the queue has work and none holds the lock."""
+def ensure_running(workdir: str, even_idle: bool = False) -> dict:
+    """Start the supervisor, detached, when the queue has work (or `even_idle`: the box is watched,
+    remote/watch.py) and none holds the lock."""
     info = supervisor_info(workdir)
-    if info["alive"] or not has_work(workdir):
+    if info["alive"] or not (even_idle or has_work(workdir)):
         return {**info, "started": False}
     d = qdir(workdir)
     with open(os.devnull, "rb") as null_in, open(d / "supervisor.log", "ab") as out:

@@ -5,14 +5,15 @@
 #                                      appends its output to RUN_DIR/run.log, others to slurm/node<N>.log.
 #   slurm_job.sh finish RUN_DIR RC     the batch step, after srun: a trainer stopped by a signal
 #                                      (heartbeat "interrupted") is requeued unless opskit asked to cancel;
-#                                      otherwise RC goes to RUN_DIR/exit_code.
+#                                      otherwise RC goes to RUN_DIR/exit_code and the run's end is POSTed
+#                                      to the target's --notify URLs (remote/notify.py).
 #
 # Signals: SLURM sends USR1 (--signal, before the time limit; `opskit cancel`) to every process of the
 # step. The trainer checkpoints on it and exits 75; torchrun starts with USR1 ignored so that it
 # outlives the signal and reports its workers' exit. TERM (scancel, requeue) reaches everyone too.
 # The run-directory contract's names (train/contract.py, opskit/targets/slurm/script.py;
 # tests/test_structure.py keeps them equal):
-LOG=run.log EXIT_CODE=exit_code STATUS=status.json HB_INTERRUPTED=interrupted SLURM_DIR=slurm CANCEL_MARKER=cancel
+LOG=run.log EXIT_CODE=exit_code STATUS=status.json HB_INTERRUPTED=interrupted SLURM_DIR=slurm CANCEL_MARKER=cancel NOTIFY_FILE=notify.json
 mode=$1 run_dir=$2; shift 2
 cd "$run_dir" || exit 97
 
@@ -26,6 +27,8 @@ if [ "$mode" = finish ]; then
     echo "=== opskit: requeue refused (SLURM is already requeueing or ending the job)" >> $LOG
   fi
   echo "$rc" > .$EXIT_CODE.tmp && mv .$EXIT_CODE.tmp $EXIT_CODE
+  # the target's --notify URLs hear how the run ended (bounded retries: the job must end soon)
+  timeout 60 python3 "$(dirname "$0")/notify.py" run-ended "$run_dir" --conf $SLURM_DIR/$NOTIFY_FILE >> $LOG 2>&1 || true
   if [ $cancelled = yes ]; then scancel "$SLURM_JOB_ID"; fi  # SLURM records the job as cancelled too
   exit "$rc"
 fi

@@ -22,6 +22,7 @@ from opskit import queue as Q  # noqa: E402  (pure, standard library only)
 from remote import processes  # noqa: E402
 from remote import queue_dir as D  # noqa: E402
 from remote.queue_dir import log  # noqa: E402
+from remote.watch import BoxWatch  # noqa: E402  (ledger, notifications, idle action)
 from train import contract as C  # noqa: E402
 
 POLL_S = 1.0
@@ -49,6 +50,7 @@ class Supervisor:
     def __init__(self, workdir: str):
         self.workdir = str(Path(workdir).resolve())
         self.idle_since: float | None = None
+        self.watch = BoxWatch(self.workdir)
 
     def tick(self) -> bool:
         """One pass: record ended runs, recover half-done starts, start what fits. False: time to exit."""
@@ -64,16 +66,18 @@ class Supervisor:
                     continue
                 started.append(e)
             pending = Q.order(D.entries(d, "pending"))
-            plan = Q.plan_starts(config, pending, started, D.dependency_states(self.workdir, pending, started),
-                                 port_ok=port_free, port_offset=port_offset(self.workdir))
+            deps = D.dependency_states(self.workdir, pending, started)
+            plan = Q.plan_starts(config, pending, started, deps, port_ok=port_free, port_offset=port_offset(self.workdir))
             by_seq = {e["seq"]: e for e in pending}
             for s in plan.starts:
                 self._start(d, by_seq[s.seq], s, config)
+            self.watch.tick(config, d, D.entries(d, "started"), D.entries(d, "pending"), deps)
             if pending or started or plan.starts:
                 self.idle_since = None
                 return True
             self.idle_since = self.idle_since or time.monotonic()
-            return time.monotonic() - self.idle_since < float(config.get("idle_exit_s") or IDLE_EXIT_S)
+            return (time.monotonic() - self.idle_since < float(config.get("idle_exit_s") or IDLE_EXIT_S)
+                    or self.watch.keep_alive(config))
 
     def _start(self, d: Path, entry: dict, s: Q.Start, config: dict) -> None:
         name = D.entry_name(entry["seq"])
@@ -152,12 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     C.atomic_write_text(d / "supervisor.pid", f"{os.getpid()} {processes.proc_start_time(os.getpid())}\n")
     log(f"supervisor {os.getpid()} watching {d}")
     sup = Supervisor(a.workdir)
+    sup.watch.begin(D.read_config(a.workdir))
     while True:
         if not sup.tick():
             # Give the lock up under the queue lock, so an enqueue either sees us alive and we see its
             # entry, or sees us gone and starts a new supervisor.
             with D.locked(a.workdir):
-                if not D.has_work(a.workdir):
+                if not D.has_work(a.workdir) and not sup.watch.keep_alive(D.read_config(a.workdir)):
+                    sup.watch.end()
                     lock.close()
                     log("idle; exiting")
                     return

@@ -156,3 +156,28 @@ def test_downstream_job_on_a_multi_node_target_runs_on_one_node(store, cluster, 
     script = (Path(tgt.run_dir(run)) / "slurm" / "sbatch.sh").read_text()
     assert "#SBATCH --nodes=1" in script and "train.run" not in script
     assert "downstream nodes=1" in "".join(operations.logs(store, run))
+
+
+def test_the_jobs_finish_step_posts_its_end_and_cost_comes_from_sacct(tmp_path, cluster):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import boxwatch
+    hook = boxwatch.Hook()
+    run = "t/notify/s1"
+    try:
+        with Store(tmp_path / "state.db") as store:
+            operations.add_target(store, "hpc", "slurm", {"workdir": str(tmp_path / "wd"), "slurm_conf": str(cluster.conf),
+                                                          "price_per_hour": 3600.0, "notify": [f"{hook.url}/hpc"]})
+            job = submit(store, run, ["bash", "-c", "printf '{\"state\": \"done\", \"attempt\": 1, \"step\": 3, "
+                                                    "\"total_steps\": 3, \"loss\": 1.5}' > status.json; sleep 2"])
+            got = hook.wait_for(lambda r: r, timeout=60, what="the finish step's POST")
+            assert got[0]["event"] == "run_ended" and got[0]["run"] == run and got[0]["state"] == states.DONE
+            assert got[0]["target"] == "hpc" and got[0]["reason"] == "exit code 0" and got[0]["step"] == 3
+            assert wait_state(store, run, states.ENDED)["state"] == states.DONE
+            report = operations.cost(store, target="hpc")
+            row = report["runs"][0]
+            assert row["busy_s"] >= 2 and row["cost"] == row["busy_s"]  # no GPUs: one node x 1 a second
+            elapsed = cluster.sh("sacct", "-X", "-n", "-P", "-j", job["job_id"], "-o", "ElapsedRaw").split()
+            assert row["busy_s"] == sum(int(e) for e in elapsed)
+            assert report["targets"][0]["held_cost"] == row["cost"]
+    finally:
+        hook.close()

@@ -128,7 +128,8 @@ def test_the_store_refuses_a_state_that_is_not_one(tmp_path):
 
 
 CONTRACT_NAMES = {"LOG": C.LOG, "EXIT_CODE": C.EXIT_CODE, "STATUS": C.STATUS, "HB_INTERRUPTED": C.HB_INTERRUPTED,
-                  "SLURM_DIR": slurm_script.SLURM_DIR, "CANCEL_MARKER": slurm_script.CANCEL_MARKER}
+                  "SLURM_DIR": slurm_script.SLURM_DIR, "CANCEL_MARKER": slurm_script.CANCEL_MARKER,
+                  "NOTIFY_FILE": slurm_script.NOTIFY_FILE}
 
 
 @pytest.mark.parametrize("script", ["detach.sh", "slurm_job.sh"])

@@ -26,6 +26,7 @@ ENVIRONMENT = "environment.txt"  # the trainer python's `pip freeze` at launch (
 TRACKING = "tracking.json"  # ids of the run in its trackers, reused on resume (train/tracking.py)
 TB_DIR = "tb"  # TensorBoard event files (train/tracking.py)
 WANDB_DIR = "wandb"  # W&B's own run folders (offline ones for `wandb sync`)
+PULLED = "pulled.json"  # written by `agent.py mark-pulled` after `opskit pull` (the idle action reads it)
 
 # Files `opskit pull` may bring back (never checkpoints, caches or weights).
 PULLABLE = (RESULTS, LOSS_CURVE, EVAL_PER_LENGTH, LOG, STATUS, SPEC, DOWNSTREAM, PASSKEY, CODE_DIFF, TRACKING)
@@ -54,6 +55,10 @@ CKPT_STEP_PREFIX = "step_"
 SIGNAL_GRACE_S = 300
 
 HEARTBEAT_MAX_INTERVAL_S = 30.0
+# GPU samples in status.json (train/gpu_monitor.py): the highest utilisation seen in each bucket of this
+# many seconds, newest last, at most GPU_BUCKETS of them (opskit.states judges "GPUs idle" from them).
+GPU_BUCKET_S = 30
+GPU_BUCKETS = 120
 
 
 # ------------------------------------------------------------------ run names and directories

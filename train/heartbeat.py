@@ -24,6 +24,9 @@ HEARTBEAT_S = min(float(os.environ.get("OPSKIT_HEARTBEAT_S", 10.0)), HEARTBEAT_M
 STATUS_FIELDS = (
     "state", "attempt", "pid", "updated_at", "step", "total_steps", "tokens", "loss", "tokens_per_s",
     "eta_s", "cache_bytes", "cache_tokens", "cache_target_tokens", "checkpoint_step", "message", "progress_at",
+    # GPU samples (train/gpu_monitor.py): mean utilisation %, memory used (MiB) and power (W) of the
+    # run's GPUs at gpu_at, and [[bucket start, highest utilisation], ...]; null on a CPU run.
+    "gpu_util", "gpu_mem_mb", "gpu_power_w", "gpu_at", "gpu_util_max",
 )
 
 
@@ -61,6 +64,16 @@ class Heartbeat:
             self.status.update(fields)
             self.status["progress_at"] = time.time()  # the trainer itself moved on (the thread never sets it)
             self._write_locked()
+
+    def note(self, **fields) -> None:
+        """Merge fields that are not the trainer's progress (GPU samples): written with the next beat."""
+        if not self.enabled:
+            return
+        unknown = set(fields) - set(STATUS_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown status.json fields: {sorted(unknown)}")
+        with self._lock:
+            self.status.update(fields)
 
     def _write_locked(self) -> None:
         self.status["updated_at"] = time.time()

@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     _LOG_RANK["rank"] = dist_info.rank
     heartbeat = Heartbeat(spec.out_dir, spec.attempt, enabled=dist_info.is_main).start()
+    from train.gpu_monitor import GpuMonitor
+    gpu_monitor = GpuMonitor.for_run(heartbeat, on_gpu=dist_info.device.type == "cuda")
     curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
     log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size {dist_info.world_size} ====")
     code, clean = EXIT_FAILED, True
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat.update(state=C.HB_FAILED, message=summary)
         code, clean = EXIT_FAILED, False
     finally:
+        if gpu_monitor is not None:
+            gpu_monitor.stop()
         heartbeat.stop()
         tracker.close(code)
     sys.stdout.flush()

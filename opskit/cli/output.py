@@ -72,6 +72,18 @@ def fmt_age(t) -> str:
     return "-" if not t else fmt_duration(max(0.0, time.time() - t)) + " ago"
 
 
+def fmt_money(x) -> str:
+    """An amount in the units of the targets' prices."""
+    return "-" if x is None else f"{x:,.2f}"
+
+
+def shown_url(url: str) -> str:
+    """A notification URL as opskit prints it: scheme, host and path (a webhook's query can be a secret)."""
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname or ''}{f':{u.port}' if u.port else ''}{u.path}" + ("?..." if u.query else "")
+
+
 def key_values(d: dict, keys=None, width: int = 14) -> None:
     for k in keys or d:
         v = d.get(k)

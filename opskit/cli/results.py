@@ -44,8 +44,9 @@ def report(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only
         return
     from opskit.results.aggregate import summary_table
     from opskit.results.report import make_report
+    from opskit.operations import run_costs
     with open_store_if_exists() as store:
-        out = make_report(Path(results_dir), phase, store)
+        out = make_report(Path(results_dir), phase, store, costs=run_costs(store) if store else None)
     if as_json:
         return print_json(out.to_json())
     header, rows = summary_table(out.report)

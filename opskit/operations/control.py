@@ -74,12 +74,13 @@ def resume(store: Store, run: str, target: str | None = None, on_event: Notify =
         tgt.signal(run, "KILL")
     if moving_to is not None:
         tgt = _move_run(store, row, tgt, moving_to, on_event)
-    tgt.prepare(on_line=on_event)
-    tgt.sync()
-    code = record_code(PROJECT_ROOT, CODE_PATHS)
-    spec = store.require_run(run)["spec"]  # a move has just pointed it at the other target
-    store.update_run(run, spec={**spec, "code_commit": code.commit, "code_dirty": code.dirty})
-    return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False, files=code_files(tgt, code))
+    with tgt.setting_up():  # the box's idle action waits while opskit prepares it
+        tgt.prepare(on_line=on_event)
+        tgt.sync()
+        code = record_code(PROJECT_ROOT, CODE_PATHS)
+        spec = store.require_run(run)["spec"]  # a move has just pointed it at the other target
+        store.update_run(run, spec={**spec, "code_commit": code.commit, "code_dirty": code.dirty})
+        return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False, files=code_files(tgt, code))
 
 
 def _move_run(store: Store, row: dict, src: Target, dst: Target, on_event: Notify) -> Target:

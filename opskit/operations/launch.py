@@ -60,15 +60,16 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     names = [d.run.name for d in to_start]
     handed: set[str] = set()
     try:
-        _set_state(store, names, states.PREPARING, "preparing target")
-        tgt.prepare(on_line=on_event)
-        _set_state(store, names, states.SYNCING, "syncing code")
-        tgt.sync()
-        files = code_files(tgt, code)
-        for d in to_start:
-            out.append(submit_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1, after=waits[d.run.name],
-                                  files=files))
-            handed.add(d.run.name)
+        with tgt.setting_up():  # the box's idle action waits while opskit prepares it
+            _set_state(store, names, states.PREPARING, "preparing target")
+            tgt.prepare(on_line=on_event)
+            _set_state(store, names, states.SYNCING, "syncing code")
+            tgt.sync()
+            files = code_files(tgt, code)
+            for d in to_start:
+                out.append(submit_one(store, tgt, d.run.name, d.attempt, fresh=d.attempt > 1,
+                                      after=waits[d.run.name], files=files))
+                handed.add(d.run.name)
     except BaseException as e:  # Ctrl-C or an error halfway: no run may stay "preparing" for ever
         _end_unhanded(store, [n for n in names if n not in handed], e, target)
         raise

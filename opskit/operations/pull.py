@@ -34,7 +34,7 @@ def pull(store: Store, runs: list[str] | None = None, results_dir: str = "result
 
 def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict:
     tgt = get_target(store, r["target"])
-    files = tgt.manifest(r["name"])
+    files, as_of = tgt.manifest_at(r["name"])
     dest = run_path(Path(results_dir) / RAW_DIR, r["phase"], r["config"], r["seed"])
     dest.mkdir(parents=True, exist_ok=True)
     wanted = [f for f in files if _needs_fetch(dest / f["path"], f)]
@@ -59,13 +59,25 @@ def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict
     store.forget_artifacts(r["name"], gone)
     C.atomic_write_json(dest / MANIFEST, {"run": r["name"], "target": r["target"], "attempt": r["attempt"],
                                           "state": r["state"], "pulled_at": time.time(), "files": recorded + kept})
+    marked = _mark_pulled(tgt, r, as_of)
     removed = f", {len(gone)} of an earlier attempt removed" if gone else ""
     on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
     warnings = [f"{r['name']}: {w}; do not publish it as is" for w in credential_warnings(dest, [f["path"] for f in wanted])]
     for w in warnings:
         on_event(f"warning: {w}")
     return {"run": r["name"], "pulled": len(wanted), "files": [f["path"] for f in files], "removed": gone,
-            "dest": str(dest), "credential_warnings": warnings}
+            "dest": str(dest), "credential_warnings": warnings, "marked_on_box": marked}
+
+
+def _mark_pulled(tgt, r: dict, as_of: float | None) -> bool:
+    """Leave the box a marker that this attempt came home (its idle action waits for one per run);
+    a box whose code predates the marker only misses it."""
+    if as_of is None:
+        return False
+    try:
+        return bool(tgt.mark_pulled(r["name"], r["attempt"], as_of).get("marked"))
+    except OpsError:
+        return False
 
 
 def _previously_pulled(dest: Path) -> tuple[int | None, list[dict]]:

@@ -49,14 +49,14 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
         results = list(pool.map(observe, by_target))
     for name, (tgt, observations, queue, error) in zip(by_target, results):
         health[name] = error
-        stall_after_s = float((tgt.config if tgt else {}).get("stall_after_s", states.DEFAULT_STALL_AFTER_S))
+        rules = states.stall_rules(tgt.config if tgt else {})
         for r in by_target[name]:
             if error is not None:
                 if not r["stale"]:
                     store.update_run(r["name"], stale=1)
                 continue
-            state, reason, fields = states.next_state(r, observations[r["name"]], stall_after_s,
-                                                      Q.queue_fields(queue, r["name"], r["attempt"]), time.time())
+            state, reason, fields = states.next_state(r, observations[r["name"]], queue_fields=Q.queue_fields(
+                queue, r["name"], r["attempt"]), now=time.time(), **rules)
             store.update_run(r["name"], state=state, reason=reason, **fields)
     return health
 
@@ -74,7 +74,8 @@ def status_rows(store: Store, phase: str | None = None) -> list[dict]:
                     "cache_tokens": r["cache_tokens"], "updated_at": r["updated_at"], "heartbeat_at": r["heartbeat_at"],
                     "message": r["message"], "exit_code": r["exit_code"], "job_id": r["job_id"],
                     "queue_pos": r["queue_pos"] if r["state"] == states.QUEUED else None, "gpus": r["gpus"],
-                    "starts_in_s": starts.get(r["name"])})
+                    "starts_in_s": starts.get(r["name"]), "gpu_util": r["gpu_util"], "gpu_mem_mb": r["gpu_mem_mb"],
+                    "gpu_power_w": r["gpu_power_w"]})
     return out
 
 

@@ -53,6 +53,13 @@ class Report:
     runs: list[RunArtifacts]
     summaries: list[ConfigSummary]
     lengths: list[int]
+    costs: dict[str, float | None] = field(default_factory=dict)  # run -> cost (opskit cost); {}: no price
+
+    def cost_of(self, phase: str, config: str) -> float | None:
+        """What every run of a config cost (those that ran; failed ones count too)."""
+        known = [c for r in self.runs if r.phase == phase and r.config == config
+                 if (c := self.costs.get(r.name)) is not None]
+        return round(sum(known), 2) if known else None
 
     @property
     def done(self) -> list[RunArtifacts]:
@@ -108,6 +115,8 @@ def run_rows(report: Report) -> list[dict]:
         row.update({"final_loss": res.get("final_train_loss"), "tokens": res.get("tokens_seen"),
                     "tokens_per_s": tokens_per_s(res), "params": res.get("params"),
                     "imported_from": res.get("imported_from")})
+        if report.costs:
+            row["cost"] = report.costs.get(r.name)
         rows.append(row)
     return rows
 
@@ -122,6 +131,8 @@ def summary_rows(report: Report) -> list[dict]:
             row[f"{name}_mean"] = st.mean if st else None
             row[f"{name}_std"] = st.std if st else None
             row[f"{name}_n"] = st.n if st else 0
+        if report.costs:
+            row["cost"] = report.cost_of(s.phase, s.config)
         rows.append(row)
     return rows
 
@@ -148,11 +159,13 @@ def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-config table, as printed and written to Markdown."""
     first = ["phase", "config"] if report.multi_phase else ["config"]
     header = first + ["seeds"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens/s"]
+    header += ["cost"] if report.costs else []
     rows = []
     for s in report.summaries:
         rows.append(([s.phase, s.config] if report.multi_phase else [s.config]) + [str(s.n)]
                     + [_fmt(s.ppl.get(x), s.n) for x in report.lengths]
-                    + [_fmt(s.final_loss, s.n, 3), _fmt(s.tokens_per_s, s.n, 0)])
+                    + [_fmt(s.final_loss, s.n, 3), _fmt(s.tokens_per_s, s.n, 0)]
+                    + ([_num(report.cost_of(s.phase, s.config), 2)] if report.costs else []))
     return header, rows
 
 
@@ -165,11 +178,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(report: Report, figure_notes: list[str] | None = None) -> str:
     header, rows = summary_table(report)
     run_header = ["run", "state"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens", "tokens/s"]
+    run_header += ["cost"] if report.costs else []
     run_table = []
     for r in report.runs:
         res = r.results or {}
         run_table.append([r.name, r.state] + [f"{r.ppl[x]:.2f}" if x in r.ppl else "–" for x in report.lengths]
-                         + [_num(res.get("final_train_loss"), 3), _num(res.get("tokens_seen"), 0), _num(tokens_per_s(res), 0)])
+                         + [_num(res.get("final_train_loss"), 3), _num(res.get("tokens_seen"), 0), _num(tokens_per_s(res), 0)]
+                         + ([_num(report.costs.get(r.name), 2)] if report.costs else []))
     phases = sorted({s.phase for s in report.summaries})
     parts = [f"# Results summary: phase{'s' if len(phases) > 1 else ''} {', '.join(phases)}", "",
              "Mean ± population std over seeds; `(n=k)` marks a metric that fewer seeds reported.", "",

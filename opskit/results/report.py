@@ -70,10 +70,13 @@ def collect(results_dir: Path, phase: str | None = None, store=None, config_dir:
     return build_report(runs)
 
 
-def make_report(results_dir: Path, phase: str | None = None, store=None, config_dir: Path | None = None) -> ReportOutput:
+def make_report(results_dir: Path, phase: str | None = None, store=None, config_dir: Path | None = None,
+                costs: dict[str, float | None] | None = None) -> ReportOutput:
     """Write runs.csv, summary.csv, summary.md, the wide CSVs (ppl_wide.csv, ...) and figures/*.png under
-    results/processed/."""
+    results/processed/. `costs`: each run's cost (opskit cost) for a cost column per run and per config;
+    none without a price."""
     report = collect(results_dir, phase, store, config_dir)
+    report.costs = {run: c for run, c in (costs or {}).items() if c is not None}
     out = Path(results_dir) / PROCESSED
     figures = make_figures(report, out / FIGURES)
     notes = [f"`{f.path.name}`" + (f" ({f.note})" if f.note else "") if f.path else f.note for f in figures]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,12 @@ from opskit.transport import Shell, quote, rsync, shell_for
 from train import contract as C
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Settings the box's supervisor reads from its queue config (docs/queue.md, docs/cost-and-notifications.md).
+QUEUE_KEYS = ("gpus_per_run", "max_parallel", "base_port", "idle_exit_s", "poll_s")
+WATCH_KEYS = ("price_per_hour", "notify", "idle_after_s", "on_idle", "idle_even_unpulled", "stall_after_s",
+              "gpu_idle_pct", "gpu_idle_window_s")
 PREPARE_TIMEOUT_S = 3 * 3600  # a cold box downloads torch
+SETUP_HOLD_S = 3600  # the idle action waits this long at most for a launch that sets the box up
 PROBE_TIMEOUT_S = 120
 
 
@@ -262,7 +268,18 @@ class Target:
             yield self.agent(args)
 
     def manifest(self, run: str) -> list[dict]:
-        return self.agent_json(["manifest", "--workdir", self.workdir, "--run", run])["files"]
+        return self.manifest_at(run)[0]
+
+    def manifest_at(self, run: str) -> tuple[list[dict], float | None]:
+        """The run's pullable files and the box's time when it listed them."""
+        answer = self.agent_json(["manifest", "--workdir", self.workdir, "--run", run])
+        return answer["files"], answer.get("now")
+
+    def mark_pulled(self, run: str, attempt: int, as_of: float) -> dict:
+        """Tell the box that attempt `attempt` of `run` came home as it was at `as_of` (the idle action
+        waits for it)."""
+        return self.agent_json(["mark-pulled", "--workdir", self.workdir, "--run", run, "--attempt", str(attempt),
+                                "--as-of", repr(float(as_of))])
 
     def fetch(self, run: str, names: list[str], dest: Path) -> None:
         """Copy the named files of a run's directory into `dest`."""
@@ -271,8 +288,35 @@ class Target:
     # -- the target's queue (docs/queue.md)
     def queue_config(self) -> dict:
         """What the supervisor shares out: GPU count (may be a fake one), GPUs per run, limits."""
-        keys = ("gpus_per_run", "max_parallel", "base_port", "idle_exit_s", "poll_s")
-        return {"gpus": self.gpus, **{k: self.config[k] for k in keys if self.config.get(k) is not None}}
+        return {"gpus": self.gpus, "target": self.name,
+                **{k: self.config[k] for k in QUEUE_KEYS + WATCH_KEYS if self.config.get(k) is not None}}
+
+    @contextmanager
+    def setting_up(self):
+        """Hold the box's idle action while opskit prepares the box and queues runs on it: setting up
+        is not idle (a box whose code is not there yet has no supervisor to hold)."""
+        held = bool(self.config.get("on_idle"))
+        if held:
+            held = self._hold_idle(SETUP_HOLD_S)
+        try:
+            yield
+        finally:
+            if held:
+                self._hold_idle(0)
+
+    def _hold_idle(self, seconds: float) -> bool:
+        try:
+            self.agent_json(["idle-hold", "--workdir", self.workdir, "--seconds", str(seconds)])
+            return True
+        except OpsError:
+            return False
+
+    def box_state(self, since: int = 0, ledger_id: str | None = None) -> dict:
+        """The box's ledger from byte `since`, its supervisor, idle action and notifications (agent
+        box-state); the target's settings go with it, and a watched box's supervisor is restarted."""
+        args = ["box-state", "--workdir", self.workdir, "--since", str(since), "--config-stdin", "--ensure"]
+        return self.agent_json(args + (["--ledger-id", ledger_id] if ledger_id else []),
+                               stdin=json.dumps({"config": self.queue_config()}))
 
     def ensure_supervisor(self) -> dict:
         return self.agent_json(["ensure-supervisor", "--workdir", self.workdir])

@@ -25,9 +25,9 @@ class SSHTarget(Target):
         if not (workdir.startswith("/") or workdir == "~" or workdir.startswith("~/")):
             raise OpsError(f"--workdir {workdir}: give an absolute path on the box or one under ~/")
         config["workdir"] = workdir.rstrip("/") or "/"
-        for k in ("gpus", "gpus_per_run"):
+        for k in ("gpus", "gpus_per_run", "max_parallel"):
             if options.get(k) is not None:
-                if int(options[k]) < 0:
+                if int(options[k]) < (1 if k == "max_parallel" else 0):
                     raise OpsError(f"--{k.replace('_', '-')} must be >= 0")
                 config[k] = int(options[k])
         config.setdefault("gpus", 0)

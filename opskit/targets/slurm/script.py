@@ -19,6 +19,8 @@ SLURM_DIR = "slurm"  # inside the run dir: the sbatch script, SLURM's own logs, 
 CANCEL_MARKER = "cancel"  # slurm/cancel: opskit asked to stop; the job ends instead of requeueing
 SBATCH_FILE = "sbatch.sh"  # slurm/sbatch.sh: the submitted script
 JOB_ID_FILE = "job_id"  # slurm/job_id: the SLURM job id
+JOB_HISTORY_FILE = "job_ids"  # slurm/job_ids: every job id of the run, one a line (its cost)
+NOTIFY_FILE = "notify.json"  # slurm/notify.json: where the finish step POSTs (remote/notify.py)
 RDZV_PLACEHOLDER = "{rdzv}"  # replaced on the nodes by <first node>:<port of the job>
 DEFAULT_SIGNAL_S = 120  # USR1 this long before the time limit: time to save a checkpoint
 
@@ -40,6 +42,9 @@ class SlurmJob:
     exit_code: int | None  # the batch script's, once ended
     reason: str | None
     restarts: int
+    elapsed_s: int = 0  # run time of every incarnation, summed (what the allocation was held)
+    gpus: int | None = None  # GPUs of the allocation (AllocTRES gres/gpu); None: SLURM did not say
+    nodes: int | None = None
 
 
 def sbatch_script(run: str, run_dir: str, code_dir: str, command: list[str], env: dict[str, str],
@@ -99,7 +104,7 @@ def node_command(command: list[str], nodes: int) -> list[str]:
 # ------------------------------------------------------------------ answers
 
 
-SACCT_FIELDS = "JobIDRaw,State,ExitCode,Reason"
+SACCT_FIELDS = "JobIDRaw,State,ExitCode,Reason,ElapsedRaw,AllocTRES"
 
 
 def sacct_argv(job_ids: list[str]) -> list[str]:
@@ -107,8 +112,19 @@ def sacct_argv(job_ids: list[str]) -> list[str]:
     return ["sacct", "-X", "-D", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)]
 
 
+def _tres(text: str) -> dict[str, int]:
+    """AllocTRES `billing=2,cpu=2,gres/gpu=1,mem=1G,node=1` -> {"gres/gpu": 1, "node": 1, ...} (numbers only)."""
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if value.isdigit():
+            out[key.strip()] = int(value)
+    return out
+
+
 def parse_sacct(text: str) -> dict[str, SlurmJob]:
-    """`sacct -X -D -n -P -o JobIDRaw,State,ExitCode,Reason` -> {job id: its newest line, restarts}."""
+    """`sacct -X -D -n -P -o JobIDRaw,State,ExitCode,Reason[,ElapsedRaw,AllocTRES]` -> {job id: its
+    newest line, restarts, elapsed seconds of every incarnation, GPUs and nodes of the allocation}."""
     lines: dict[str, list[list[str]]] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
@@ -120,8 +136,11 @@ def parse_sacct(text: str) -> dict[str, SlurmJob]:
         last = rows[-1]
         code = last[2].split(":")[0]
         reason = last[3] if len(last) > 3 and last[3] not in ("", "None") else None
+        tres = _tres(last[5]) if len(last) > 5 else {}
         out[job_id] = SlurmJob(job_id, last[1].split()[0], int(code) if code.isdigit() else None, reason,
-                               restarts=sum(1 for r in rows if r[1].split()[0] == "REQUEUED"))
+                               restarts=sum(1 for r in rows if r[1].split()[0] == "REQUEUED"),
+                               elapsed_s=sum(int(r[4]) for r in rows if len(r) > 4 and r[4].isdigit()),
+                               gpus=tres.get("gres/gpu", 0 if tres else None), nodes=tres.get("node"))
     return out
 
 

@@ -116,8 +116,14 @@ class SlurmTarget(Target):
         env = {**self.trainer_env(attempt), **(extra_env or {})}
         script = S.sbatch_script(run, self.run_dir(run), self.code_dir, command, env, self.config)
         self.write_file(C.run_rel(run, S.SLURM_DIR, S.SBATCH_FILE), script)
+        # the job's finish step POSTs its end to these (remote/notify.py); none: an empty list
+        self.write_file(C.run_rel(run, S.SLURM_DIR, S.NOTIFY_FILE),
+                        json.dumps({"urls": list(self.config.get("notify") or []), "target": self.name, "run": run,
+                                    "attempt": attempt}))
         job_id = self.client.submit(f"{self.run_dir(run)}/{S.SLURM_DIR}/{S.SBATCH_FILE}")
         self.write_file(C.run_rel(run, S.SLURM_DIR, S.JOB_ID_FILE), job_id + "\n")
+        history = C.run_rel(run, S.SLURM_DIR, S.JOB_HISTORY_FILE)
+        self.write_file(history, self._read([history]).get(history, "") + job_id + "\n")
         return Submission(False, attempt, job_id=job_id)
 
     def start(self, run: str, command: list[str], attempt: int, extra_env: dict | None = None) -> dict:
@@ -132,6 +138,26 @@ class SlurmTarget(Target):
             if text:
                 out[r] = text
         return out
+
+    def run_jobs(self, runs: list[str]) -> dict[str, list[str]]:
+        """Every SLURM job id each run had (slurm/job_ids; slurm/job_id for runs submitted before it)."""
+        rels = {r: C.run_rel(r, S.SLURM_DIR, S.JOB_HISTORY_FILE) for r in runs}
+        files = self._read(list(rels.values()))
+        out = {r: list(dict.fromkeys(files.get(rel, "").split())) for r, rel in rels.items()}
+        for r, job_id in self.job_ids([r for r in runs if not out[r]]).items():
+            out[r] = [job_id]
+        return {r: ids for r, ids in out.items() if ids}
+
+    def job_accounting(self, runs: list[str]) -> dict:
+        """What SLURM's accounting says each run's jobs held: {"runs": {run: [job id]}, "jobs": {job id:
+        {elapsed_s, gpus, nodes, state}}} (opskit cost: elapsed x GPUs x price per GPU-hour)."""
+        ids = self.run_jobs(runs)
+        jobs = self.client.jobs(sorted({j for v in ids.values() for j in v}))
+        return {"runs": ids, "jobs": {j: {"elapsed_s": job.elapsed_s, "gpus": job.gpus, "nodes": job.nodes,
+                                          "state": job.state} for j, job in jobs.items()}}
+
+    def box_state(self, since: int = 0, ledger_id: str | None = None) -> dict:
+        raise OpsError(f"{self.name} is a SLURM target: SLURM holds its machines (no ledger, no idle action)")
 
     def observe(self, runs: list[str]) -> tuple[dict[str, Observation], None]:
         """Run directories (one agent call) plus every job's SLURM state (one sacct call); SLURM's
