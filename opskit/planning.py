@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from opskit.catalog import PlannedRun
 from opskit.errors import OpsError
 from opskit.states import ACTIVE, DONE, QUEUED
 from train import contract as C
 from train.spec import tracking_problem
+
+if TYPE_CHECKING:  # the catalog (YAML) is not loaded by commands that plan nothing, like `status`
+    from opskit.catalog import PlannedRun
 
 
 @dataclass(frozen=True)

@@ -1,60 +1,87 @@
-"""The run store: one SQLite file (`state.db`) through sqlite-utils.
+"""The run store: one SQLite file (`state.db`) through the standard library's sqlite3.
 
 WAL mode and a busy timeout let several `opskit` commands write at once; every state change is
-appended to `events`. JSON columns only, never pickles. Schema changes are numbered migrations.
+appended to `events` and its reason kept on the run (`reason`). JSON columns only, never pickles.
+Schema changes are numbered migrations. Reads select in SQL (indexes in migration 2), so what a
+command does not show costs it nothing: `status` stays the same size as history grows.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-import sqlite_utils
+from opskit.errors import NotFound, OpsError, unknown_name
+from opskit.states import ALL_STATES, ENDED
 
-from opskit.errors import OpsError, unknown_name
-from opskit.states import ALL_STATES
-
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 DEFAULT_PATH = "state.db"
+UNFINISHED = tuple(s for s in ALL_STATES if s not in ENDED)
+ENDED_STATES = tuple(s for s in ALL_STATES if s in ENDED)
 
 
-def _migration_1(db: sqlite_utils.Database) -> None:
-    db["targets"].create({"name": str, "kind": str, "config": str, "created_at": float}, pk="name")
-    db["runs"].create({
-        "name": str, "matrix": str, "phase": str, "config": str, "seed": int, "target": str,
-        "attempt": int, "state": str, "stale": int, "cancel_requested": int,
-        "created_at": float, "started_at": float, "ended_at": float, "updated_at": float,
-        "step": int, "total_steps": int, "tokens": int, "loss": float, "tokens_per_s": float,
-        "eta_s": float, "cache_bytes": int, "cache_tokens": int, "cache_target_tokens": int,
-        "heartbeat_at": float, "checkpoint_step": int, "message": str,
-        "pid": int, "job_id": str, "exit_code": int, "run_dir": str, "spec": str, "after": str,
-        "queue_pos": int, "gpus": str,
-    }, pk="name", not_null={"phase", "config", "seed", "target", "state"},
-        defaults={"attempt": 1, "stale": 0, "cancel_requested": 0})
-    db["runs"].create_index(["phase"])
-    db["runs"].create_index(["target", "state"])
-    db["events"].create({"id": int, "run": str, "time": float, "attempt": int, "from_state": str,
-                         "to_state": str, "reason": str}, pk="id")
-    db["events"].create_index(["run"])
-    db["artifacts"].create({"id": int, "run": str, "path": str, "size": int, "sha256": str,
-                            "pulled_at": float}, pk="id")
-    db["artifacts"].create_index(["run", "path"], unique=True)
-    db["gates"].create({"id": int, "matrix": str, "phase": str, "decided_at": float, "decision": str}, pk="id")
+def _migration_1(conn: sqlite3.Connection) -> None:
+    """The first schema (as sqlite-utils created it, so that old stores and new ones are alike)."""
+    _script(conn, """
+        CREATE TABLE "targets" ("name" TEXT PRIMARY KEY, "kind" TEXT, "config" TEXT, "created_at" REAL);
+        CREATE TABLE "runs" (
+           "name" TEXT PRIMARY KEY, "matrix" TEXT, "phase" TEXT NOT NULL, "config" TEXT NOT NULL,
+           "seed" INTEGER NOT NULL, "target" TEXT NOT NULL, "attempt" INTEGER DEFAULT 1, "state" TEXT NOT NULL,
+           "stale" INTEGER DEFAULT 0, "cancel_requested" INTEGER DEFAULT 0,
+           "created_at" REAL, "started_at" REAL, "ended_at" REAL, "updated_at" REAL,
+           "step" INTEGER, "total_steps" INTEGER, "tokens" INTEGER, "loss" REAL, "tokens_per_s" REAL,
+           "eta_s" REAL, "cache_bytes" INTEGER, "cache_tokens" INTEGER, "cache_target_tokens" INTEGER,
+           "heartbeat_at" REAL, "checkpoint_step" INTEGER, "message" TEXT,
+           "pid" INTEGER, "job_id" TEXT, "exit_code" INTEGER, "run_dir" TEXT, "spec" TEXT, "after" TEXT,
+           "queue_pos" INTEGER, "gpus" TEXT);
+        CREATE INDEX "idx_runs_phase" ON "runs" ("phase");
+        CREATE INDEX "idx_runs_target_state" ON "runs" ("target", "state");
+        CREATE TABLE "events" ("id" INTEGER PRIMARY KEY, "run" TEXT, "time" REAL, "attempt" INTEGER,
+                               "from_state" TEXT, "to_state" TEXT, "reason" TEXT);
+        CREATE INDEX "idx_events_run" ON "events" ("run");
+        CREATE TABLE "artifacts" ("id" INTEGER PRIMARY KEY, "run" TEXT, "path" TEXT, "size" INTEGER,
+                                  "sha256" TEXT, "pulled_at" REAL);
+        CREATE UNIQUE INDEX "idx_artifacts_run_path" ON "artifacts" ("run", "path");
+        CREATE TABLE "gates" ("id" INTEGER PRIMARY KEY, "matrix" TEXT, "phase" TEXT, "decided_at" REAL,
+                              "decision" TEXT);
+    """)
 
 
-def _migration_2(db: sqlite_utils.Database) -> None:
+def _migration_2(conn: sqlite3.Connection) -> None:
     """GPU samples of a run's heartbeat; what opskit last read of each box's ledger (cost, status)."""
-    for col in ("gpu_util", "gpu_mem_mb", "gpu_power_w"):
-        db["runs"].add_column(col, float)
-    db["box_records"].create({"target": str, "key": str, "data": str, "fetched_at": float}, pk=("target", "key"))
+    _script(conn, """
+        ALTER TABLE "runs" ADD COLUMN "gpu_util" REAL;
+        ALTER TABLE "runs" ADD COLUMN "gpu_mem_mb" REAL;
+        ALTER TABLE "runs" ADD COLUMN "gpu_power_w" REAL;
+        CREATE TABLE "box_records" ("target" TEXT, "key" TEXT, "data" TEXT, "fetched_at" REAL,
+                                    PRIMARY KEY ("target", "key"));
+    """)
 
 
-MIGRATIONS = {1: _migration_1, 2: _migration_2}
+def _migration_3(conn: sqlite3.Connection) -> None:
+    """The reason of each run's current state on the run itself (status shows why a run failed), and
+    indexes for what `status` selects: unfinished runs, the latest ended ones, counts per phase."""
+    _script(conn, """
+        ALTER TABLE "runs" ADD COLUMN "reason" TEXT;
+        UPDATE "runs" SET "reason" = (SELECT e."reason" FROM "events" e WHERE e."run" = "runs"."name"
+                                      ORDER BY e."id" DESC LIMIT 1);
+        DROP INDEX "idx_runs_phase";
+        CREATE INDEX "idx_runs_phase_state" ON "runs" ("phase", "state");
+        CREATE INDEX "idx_runs_state" ON "runs" ("state");
+        CREATE INDEX "idx_runs_stale" ON "runs" ("stale");
+        CREATE INDEX "idx_runs_ended_at" ON "runs" ("ended_at");
+        CREATE INDEX "idx_runs_updated_at" ON "runs" ("updated_at");
+        CREATE INDEX "idx_runs_created" ON "runs" ("created_at", "name");
+    """)
+
+
+MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
 
 
 class Store:
@@ -64,11 +91,13 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
         self._migrate()
+        self._run_columns = {r["name"] for r in conn.execute('PRAGMA table_info("runs")')}
 
     def __enter__(self) -> "Store":
         return self
@@ -77,14 +106,14 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """A write transaction taken up front (BEGIN IMMEDIATE), so concurrent writers queue, not fail.
 
         Nested use joins the outer transaction (which commits or rolls back the whole)."""
-        conn = self.db.conn
+        conn = self.conn
         if conn.in_transaction:
             yield
             return
@@ -97,65 +126,139 @@ class Store:
         conn.execute("COMMIT")
 
     def _migrate(self) -> None:
+        version = self._version()
+        if version == SCHEMA_VERSION:  # the usual case: no write lock taken
+            return
         with self.transaction():
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            version = self._version()
             if version > SCHEMA_VERSION:
                 raise OpsError(f"{self.path} has schema version {version}, newer than this opskit "
                                f"({SCHEMA_VERSION}); upgrade opskit")
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                MIGRATIONS[v](self.db)
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+                MIGRATIONS[v](self.conn)
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    def _version(self) -> int:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet: a new store
+            return 0
+        return int(row[0]) if row else 0
 
     @property
     def schema_version(self) -> int:
-        return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        return self._version()
+
+    def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict]:
+        return [dict(r) for r in self.conn.execute(sql, list(args))]
+
+    def count(self, table: str) -> int:
+        if table not in ("runs", "events", "artifacts", "targets", "gates", "box_records"):
+            raise ValueError(f"no table {table!r}")
+        return self.conn.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
 
     # ------------------------------------------------------------ targets
 
     def add_target(self, name: str, kind: str, config: dict, replace: bool = False) -> None:
         with self.transaction():
-            if not replace and self.db["targets"].count_where("name = ?", [name]):
-                raise OpsError(f"target '{name}' exists; remove it first (opskit targets remove {name})")
-            self.db["targets"].insert({"name": name, "kind": kind, "config": json.dumps(config),
-                                       "created_at": time.time()}, replace=True)
+            if not replace and self.get_target(name) is not None:
+                raise OpsError(f"target '{name}' exists; pass --replace to overwrite it "
+                               f"(or remove it first: opskit targets remove {name})")
+            self.conn.execute("INSERT OR REPLACE INTO targets (name, kind, config, created_at) VALUES (?, ?, ?, ?)",
+                              [name, kind, json.dumps(config), time.time()])
 
     def get_target(self, name: str) -> dict | None:
-        rows = list(self.db["targets"].rows_where("name = ?", [name]))
+        rows = self._rows("SELECT * FROM targets WHERE name = ?", [name])
         return _target_row(rows[0]) if rows else None
 
     def list_targets(self) -> list[dict]:
-        return [_target_row(r) for r in self.db["targets"].rows_where(order_by="name")]
+        return [_target_row(r) for r in self._rows("SELECT * FROM targets ORDER BY name")]
 
     def remove_target(self, name: str) -> None:
         with self.transaction():
-            if not self.db["targets"].count_where("name = ?", [name]):
+            if self.get_target(name) is None:
                 raise unknown_name("target", name, [t["name"] for t in self.list_targets()])
-            self.db["targets"].delete(name)
+            self.conn.execute("DELETE FROM targets WHERE name = ?", [name])
 
     # ------------------------------------------------------------ runs
 
     def get_run(self, name: str) -> dict | None:
-        rows = list(self.db["runs"].rows_where("name = ?", [name]))
+        rows = self._rows("SELECT * FROM runs WHERE name = ?", [name])
         return _run_row(rows[0]) if rows else None
 
     def require_run(self, name: str) -> dict:
         run = self.get_run(name)
         if run is None:
-            raise unknown_name("run", name, [r["name"] for r in self.list_runs()])
+            raise self._unknown_run(name)
         return run
 
+    def _unknown_run(self, name: str) -> NotFound:
+        """Names close to `name` from its own phase (never a list of every run ever made)."""
+        phase = name.split("/", 1)[0]
+        like = phase.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+        names = [r[0] for r in self.conn.execute("SELECT name FROM runs WHERE name LIKE ? ESCAPE '\\' LIMIT 5000",
+                                                 [like])]
+        total = self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        if total <= 12:
+            return unknown_name("run", name, [r[0] for r in self.conn.execute("SELECT name FROM runs ORDER BY name")])
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return NotFound(f"unknown run '{name}'{hint}; `opskit status --all` lists the {total} runs")
+
     def list_runs(self, phase: str | None = None, target: str | None = None, states: tuple[str, ...] = ()) -> list[dict]:
-        where, args = [], []
-        if phase:
-            where.append("phase = ?"), args.append(phase)
-        if target:
-            where.append("target = ?"), args.append(target)
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})"), args.extend(states)
-        rows = self.db["runs"].rows_where(" AND ".join(where) or None, args, order_by="created_at, name")
-        return [_run_row(r) for r in rows]
+        return self.select_runs(phases=[phase] if phase else (), targets=[target] if target else (), states=states)
+
+    def select_runs(self, phases: Iterable[str] = (), targets: Iterable[str] = (), states: Iterable[str] = (),
+                    since: float | None = None, unfinished: bool = False, names: Iterable[str] = (),
+                    columns: Iterable[str] | None = None, order: str = "created_at, name",
+                    limit: int | None = None) -> list[dict]:
+        """Runs matching every given filter, in SQL. `unfinished`: not ended, or ended but stale
+        (its target was unreachable when it was last looked at). `since`: updated at or after."""
+        where, args = _filters(phases, targets, states, since, names)
+        if unfinished:
+            where.append(f"(state IN ({_marks(UNFINISHED)}) OR stale = 1)")
+            args.extend(UNFINISHED)
+        cols = "*" if columns is None else _names(columns)
+        sql = f"SELECT {cols} FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [_run_row(r) for r in self._rows(sql, args)]
+
+    def recent_ended(self, limit: int, phases: Iterable[str] = (), targets: Iterable[str] = (),
+                     since: float | None = None, columns: Iterable[str] | None = None) -> list[dict]:
+        """The `limit` runs that ended last (and are not stale), newest first."""
+        where, args = _filters(phases, targets, ENDED_STATES, since, ())
+        where.append("stale = 0")
+        cols = "*" if columns is None else _names(columns)
+        sql = (f"SELECT {cols} FROM runs WHERE {' AND '.join(where)} "
+               f"ORDER BY ended_at IS NULL, ended_at DESC, updated_at DESC LIMIT {int(limit)}")
+        return [_run_row(r) for r in self._rows(sql, args)]
+
+    def state_counts(self, phases: Iterable[str] = (), targets: Iterable[str] = (), states: Iterable[str] = (),
+                     since: float | None = None) -> dict[str, dict[str, int]]:
+        """{phase: {state: number of runs}} of the runs matching the filters."""
+        where, args = _filters(phases, targets, states, since, ())
+        sql = "SELECT phase, state, COUNT(*) AS n FROM runs" + (" WHERE " + " AND ".join(where) if where else "") \
+              + " GROUP BY phase, state ORDER BY phase"
+        out: dict[str, dict[str, int]] = {}
+        for r in self.conn.execute(sql, args):
+            out.setdefault(r["phase"], {})[r["state"]] = r["n"]
+        return out
+
+    def phases(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT phase FROM runs ORDER BY phase")]
+
+    def run_targets(self) -> list[str]:
+        """Targets that runs were launched on (a removed target's runs keep its name)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT target FROM runs ORDER BY target")]
+
+    def done_durations_by_phase(self, target: str) -> dict[str, float]:
+        """Mean wall time of the done runs on `target`, per phase (docs/queue.md: estimated starts)."""
+        rows = self.conn.execute(
+            "SELECT phase, AVG(ended_at - started_at) FROM runs WHERE target = ? AND state = ? "
+            "AND started_at IS NOT NULL AND ended_at IS NOT NULL GROUP BY phase", [target, "done"])
+        return {phase: mean for phase, mean in rows}
 
     def upsert_run(self, row: dict, reason: str) -> None:
         """Create a run (or replace it for a rerun/new attempt) and log the event."""
@@ -163,76 +266,120 @@ class Store:
         now = time.time()
         with self.transaction():
             old = self.get_run(row["name"])
-            record = {**row, "updated_at": now}
+            record = {**row, "updated_at": now, "reason": reason}
             record.setdefault("created_at", old["created_at"] if old else now)
             if isinstance(record.get("spec"), dict):
                 record["spec"] = json.dumps(record["spec"])
-            self.db["runs"].insert(record, replace=True)
+            self._check_columns(record)
+            cols = list(record)
+            self.conn.execute(f"INSERT OR REPLACE INTO runs ({_names(cols)}) "
+                              f"VALUES ({_marks(cols)})", [record[c] for c in cols])
             self._event(row["name"], record.get("attempt", 1), old["state"] if old else None, row["state"], reason, now)
 
     def update_run(self, name: str, reason: str | None = None, **fields: Any) -> None:
-        """Update fields; a change of `state` is logged as an event (with `reason`)."""
+        """Update fields; a change of `state` is logged as an event (with `reason`, also kept on the run)."""
         if "state" in fields:
             _check_state(fields["state"])
         now = time.time()
         with self.transaction():
-            old = self.get_run(name)
+            old = self.conn.execute("SELECT state, attempt FROM runs WHERE name = ?", [name]).fetchone()
             if old is None:
                 raise unknown_name("run", name, [])
             fields["updated_at"] = now
             if "spec" in fields and isinstance(fields["spec"], dict):
                 fields["spec"] = json.dumps(fields["spec"])
-            self.db["runs"].update(name, fields)
             new_state = fields.get("state")
-            if new_state and new_state != old["state"]:
+            changed = bool(new_state) and new_state != old["state"]
+            if changed:
+                fields["reason"] = reason or ""
+            self._check_columns(fields)
+            self.conn.execute(f"UPDATE runs SET {_names(fields, ' = ?')} WHERE name = ?",
+                              [*fields.values(), name])
+            if changed:
                 self._event(name, fields.get("attempt", old["attempt"]), old["state"], new_state, reason or "", now)
 
+    def _check_columns(self, fields: dict) -> None:
+        unknown = set(fields) - self._run_columns
+        if unknown:  # a bug, not a user error
+            raise ValueError(f"runs has no column {', '.join(sorted(unknown))}")
+
     def _event(self, run: str, attempt: int, from_state: str | None, to_state: str, reason: str, now: float) -> None:
-        self.db["events"].insert({"run": run, "time": now, "attempt": attempt, "from_state": from_state,
-                                  "to_state": to_state, "reason": reason})
+        self.conn.execute("INSERT INTO events (run, time, attempt, from_state, to_state, reason) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", [run, now, attempt, from_state, to_state, reason])
 
     def events(self, run: str) -> list[dict]:
-        return list(self.db["events"].rows_where("run = ?", [run], order_by="id"))
+        return self._rows("SELECT * FROM events WHERE run = ? ORDER BY id", [run])
 
     # ------------------------------------------------------------ what opskit read of a box
 
     def put_box_record(self, target: str, key: str, data: dict) -> None:
         """Keep a copy of something read from a target (a ledger, SLURM's accounting), by key."""
         with self.transaction():
-            self.db["box_records"].insert({"target": target, "key": key, "data": json.dumps(data),
-                                           "fetched_at": time.time()}, replace=True)
+            self.conn.execute("INSERT OR REPLACE INTO box_records (target, key, data, fetched_at) VALUES (?, ?, ?, ?)",
+                              [target, key, json.dumps(data), time.time()])
 
     def box_records(self, target: str | None = None) -> list[dict]:
-        rows = self.db["box_records"].rows_where("target = ?" if target else None, [target] if target else [],
-                                                 order_by="target, fetched_at")
+        rows = self._rows("SELECT * FROM box_records" + (" WHERE target = ?" if target else "")
+                          + " ORDER BY target, fetched_at", [target] if target else [])
         return [{**r, "data": json.loads(r["data"])} for r in rows]
 
     # ------------------------------------------------------------ artifacts and gates
 
     def record_artifact(self, run: str, path: str, size: int, sha256: str) -> None:
+        """Record a pulled file; an unchanged one keeps its `pulled_at` (nothing new was pulled)."""
         with self.transaction():
-            self.db.execute(
+            self.conn.execute(
                 "INSERT INTO artifacts (run, path, size, sha256, pulled_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(run, path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256, "
-                "pulled_at=excluded.pulled_at", [run, path, size, sha256, time.time()])
+                "pulled_at=excluded.pulled_at WHERE sha256 IS NOT excluded.sha256 OR size IS NOT excluded.size",
+                [run, path, size, sha256, time.time()])
 
     def forget_artifacts(self, run: str, paths: list[str]) -> None:
         with self.transaction():
             for path in paths:
-                self.db.execute("DELETE FROM artifacts WHERE run = ? AND path = ?", [run, path])
+                self.conn.execute("DELETE FROM artifacts WHERE run = ? AND path = ?", [run, path])
 
     def artifacts(self, run: str) -> list[dict]:
-        return list(self.db["artifacts"].rows_where("run = ?", [run], order_by="path"))
+        return self._rows("SELECT * FROM artifacts WHERE run = ? ORDER BY path", [run])
 
     def record_gate(self, matrix: str, phase: str, decision: dict) -> None:
         with self.transaction():
-            self.db["gates"].insert({"matrix": matrix, "phase": phase, "decided_at": time.time(),
-                                     "decision": json.dumps(decision)})
+            self.conn.execute("INSERT INTO gates (matrix, phase, decided_at, decision) VALUES (?, ?, ?, ?)",
+                              [matrix, phase, time.time(), json.dumps(decision)])
 
     def latest_gate(self, matrix: str, phase: str) -> dict | None:
-        rows = list(self.db["gates"].rows_where("matrix = ? AND phase = ?", [matrix, phase],
-                                                order_by="id desc", limit=1))
-        return json.loads(rows[0]["decision"]) if rows else None
+        row = self.conn.execute("SELECT decision FROM gates WHERE matrix = ? AND phase = ? ORDER BY id DESC LIMIT 1",
+                                [matrix, phase]).fetchone()
+        return json.loads(row[0]) if row else None
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    """Statements one by one, inside the caller's transaction (executescript would commit it)."""
+    for statement in sql.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _names(columns, suffix: str = "") -> str:
+    return ", ".join(f'"{c}"{suffix}' for c in columns)
+
+
+def _marks(values) -> str:
+    return ",".join("?" * len(values))
+
+
+def _filters(phases, targets, states, since, names) -> tuple[list[str], list]:
+    where: list[str] = []
+    args: list = []
+    for column, values in (("phase", phases), ("target", targets), ("state", states), ("name", names)):
+        values = list(values)
+        if values:
+            where.append(f"{column} IN ({_marks(values)})")
+            args.extend(values)
+    if since is not None:
+        where.append("updated_at >= ?")
+        args.append(since)
+    return where, args
 
 
 def _check_state(state: str) -> None:
@@ -245,11 +392,12 @@ def _target_row(row: dict) -> dict:
 
 
 def _run_row(row: dict) -> dict:
-    out = dict(row)
-    out["spec"] = json.loads(row["spec"]) if row.get("spec") else None
-    out["stale"] = bool(row.get("stale"))
-    out["cancel_requested"] = bool(row.get("cancel_requested"))
-    return out
+    if "spec" in row:
+        row["spec"] = json.loads(row["spec"]) if row["spec"] else None
+    for flag in ("stale", "cancel_requested"):
+        if flag in row:
+            row[flag] = bool(row[flag])
+    return row
 
 
 def default_path() -> Path:

@@ -16,7 +16,7 @@ def _run(name, state="queued"):
 def test_schema_version_and_wal(tmp_path):
     store = Store(tmp_path / "state.db")
     assert store.schema_version == SCHEMA_VERSION
-    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
     Store(tmp_path / "state.db").close()  # reopening does not re-run migrations
 
@@ -80,6 +80,6 @@ def test_two_concurrent_writers_never_see_database_locked(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     store = Store(path)
     assert len(store.list_runs()) == 300
-    assert store.db["events"].count == 600
-    assert store.db["artifacts"].count == 300
+    assert store.count("events") == 600
+    assert store.count("artifacts") == 300
     assert {r["state"] for r in store.list_runs()} == {"training"}

@@ -15,6 +15,13 @@ def print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=1, default=str))
 
 
+def print_json_rows(rows: list[dict]) -> None:
+    """A JSON list, one row per line: as readable as indented JSON, and fast for 100k rows (the C
+    encoder; an indented dump is Python code)."""
+    encode = json.JSONEncoder(default=str).encode
+    typer.echo("[\n" + ",\n".join(encode(r) for r in rows) + "\n]" if rows else "[]")
+
+
 def emit(result, as_json: bool, human: Callable) -> None:
     """Print `result` as JSON, or hand it to `human` to render."""
     if as_json:

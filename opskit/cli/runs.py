@@ -1,4 +1,4 @@
-"""Commands on runs: launch, status, logs, cancel, resume, pull, runs show, queue, export."""
+"""Commands on runs: launch, logs, cancel, resume, pull, runs show, queue, export (status: status.py)."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from opskit.cli.app import app, open_store, runs_app
-from opskit.cli.output import JSON, console, emit, fmt_age, fmt_duration, fmt_money, fmt_num, for_humans
+from opskit.cli.output import JSON, console, emit, fmt_age, for_humans
+from opskit.cli.status import watch_runs
 from opskit.errors import OpsError
 
 
@@ -41,7 +42,7 @@ def launch(
     if wait and not dry_run:
         started = [r["run"] for r in result if r.get("started") or r.get("queued")]
         if started:
-            _watch(phase=None, runs=started, until_ended=True)
+            watch_runs(started)
 
 
 def _print_launch(out, rows: list[dict], dry_run: bool) -> None:
@@ -58,98 +59,6 @@ def _print_launch(out, rows: list[dict], dry_run: bool) -> None:
             out.print(f"[green]started[/green] {r['run']} (attempt {r['attempt']}, pid {r.get('pid') or r.get('job_id')})")
         else:
             out.print(f"[yellow]not started[/yellow] {r['run']}: {r['reason']}")
-
-
-@app.command()
-def status(
-    phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase."),
-    watch: bool = typer.Option(False, "--watch", "-w", help="Redraw a live table until interrupted."),
-    interval: float = typer.Option(2.0, "--interval", help="Seconds between redraws with --watch."),
-    as_json: bool = JSON,
-):
-    """Every run: state, step, loss, tokens/s, ETA, cache growth, stalls, deaths.
-
-    Example: opskit status --phase demo --watch
-    """
-    from opskit import operations
-    if watch:
-        return _watch(phase, None, until_ended=False, interval=interval)
-    with open_store() as store:
-        health = operations.refresh(store, phase=phase)
-        rows = operations.status_rows(store, phase)
-        boxes = [] if as_json else operations.box_views(store)
-    emit(rows, as_json, lambda rows: console().print(_status_table(rows, health, boxes)))
-
-
-def _status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
-    from rich.table import Table
-
-    from opskit import states as S
-    table = Table(title=None, show_lines=False, header_style="bold")
-    for col in ("run", "target", "try", "state", "step", "loss", "tok/s", "GPU", "ETA", "cache", "heartbeat"):
-        table.add_column(col, justify="right" if col in ("try", "step", "loss", "tok/s", "GPU", "ETA", "cache") else "left")
-    colours = {S.DONE: "green", S.FAILED: "red", S.LOST: "red", S.STALLED: "yellow", S.CANCELLED: "magenta",
-               S.TRAINING: "cyan", S.TOKENIZING: "blue", S.EVALUATING: "blue"}
-    for r in rows:
-        state = r["state"] + (" (stale)" if r["stale"] else "")
-        if r["state"] == S.QUEUED and r.get("queue_pos"):  # position in the target's queue, estimated start
-            state += f" #{r['queue_pos']}" + (f" (starts ~{fmt_duration(r['starts_in_s'])})"
-                                              if r.get("starts_in_s") is not None else "")
-        c = colours.get(r["state"], "white")
-        step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else (str(r["step"]) if r["step"] else "-")
-        cache = fmt_num(r["cache_bytes"], "B") if r["cache_bytes"] else "-"
-        table.add_row(r["run"], r["target"], str(r["attempt"]), f"[{c}]{state}[/{c}]", step,
-                      f"{r['loss']:.3f}" if r["loss"] is not None else "-", fmt_num(r["tokens_per_s"]),
-                      f"{r['gpu_util']:.0f}%" if r.get("gpu_util") is not None and r["state"] in S.ACTIVE else "-",
-                      fmt_duration(r["eta_s"]) if r["state"] not in S.ENDED else "-",
-                      cache, fmt_age(r["heartbeat_at"]))
-    caption = [f"target {t} unreachable: {err}" for t, err in health.items() if err]
-    caption += [box_line(b) for b in boxes]
-    if not rows:
-        caption.append("no runs yet: try `opskit launch demo`")
-    table.caption = "\n".join(caption) or None
-    return table
-
-
-def box_line(b: dict) -> str:
-    """One watched box for status: idle for how long and what that cost, and its idle action."""
-    if b.get("error"):
-        return f"target {b['target']}: box not read ({b['error']})"
-    if b.get("idle_since"):
-        line = f"target {b['target']}: idle {fmt_duration(b['idle_now_s'])}"
-        if b.get("idle_now_cost") is not None:
-            line += f", cost {fmt_money(b['idle_now_cost'])} idle at {fmt_money(b['price_per_hour'])}/h"
-    else:
-        line = f"target {b['target']}: " + ("busy" if b.get("supervisor_alive") else "not watched now")
-    from opskit import ledger as L
-    act = b.get("idle_action") or {}
-    if act.get("phase") == L.ACTION_WAITING_FOR_PULL:
-        line += f"; idle action waits for `opskit pull` of {', '.join(act.get('unpulled') or [])}"
-    elif act.get("phase") == L.ACTION_IDLE and act.get("fires_at"):
-        line += f"; idle action `{act['cmd']}` at {time.strftime('%H:%M', time.localtime(act['fires_at']))}"
-    elif act.get("phase") in (L.ACTION_RUNNING, L.ACTION_RAN):
-        out = (act.get("output") or "").strip().splitlines()
-        line += (f"; idle action `{act['cmd']}` ran {time.strftime('%m-%d %H:%M', time.localtime(act['ran_at']))}"
-                 + (f", exit {act['exit_code']}" if act.get("phase") == L.ACTION_RAN else " (running)")
-                 + (f": {out[-1][:120]}" if out else ""))
-    return line
-
-
-def _watch(phase, runs, until_ended: bool, interval: float = 2.0) -> None:
-    from rich.live import Live
-
-    from opskit import operations, states
-    with open_store() as store, Live(refresh_per_second=4, console=console()) as live:
-        try:
-            while True:
-                health = operations.refresh(store, phase=phase, runs=runs)
-                rows = [r for r in operations.status_rows(store, phase) if not runs or r["run"] in runs]
-                live.update(_status_table(rows, health))
-                if until_ended and all(r["state"] in states.ENDED for r in rows):
-                    return
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            return
 
 
 @app.command()

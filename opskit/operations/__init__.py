@@ -3,18 +3,38 @@ data for the CLI to print; nothing here prints (progress goes through an optiona
 
     targets.py  the targets the store knows          launch.py   launch, submitting one run
     status.py   refresh and the status rows          control.py  cancel, resume, logs, queues, runs show
-    pull.py     artifacts into results/raw/          export.py   a run as a HF checkpoint
+    selection.py  what status shows                  pull.py     artifacts into results/raw/
+    export.py   a run as a HF checkpoint
     cost.py     cost per run/config/phase/target, the boxes' idle time (from their ledgers)
-"""
-from opskit.operations.control import cancel, logs, queue_move_top, queue_view, resume, run_details
-from opskit.operations.cost import box_views, cost, run_costs
-from opskit.operations.export import export_run
-from opskit.operations.launch import launch, submit_one
-from opskit.operations.pull import pull
-from opskit.operations.status import refresh, status_rows
-from opskit.operations.targets import (add_target, check_target, get_target, list_targets, local_target_record,
-                                       prepare_target, remove_target)
 
-__all__ = ["add_target", "box_views", "cancel", "check_target", "cost", "export_run", "get_target", "launch", "list_targets",
-           "local_target_record", "logs", "pull", "prepare_target", "queue_move_top", "queue_view", "refresh",
-           "remove_target", "resume", "run_costs", "run_details", "status_rows", "submit_one"]
+`opskit.operations.NAME` imports only NAME's module, on first use: `opskit status` does not load
+what launch, pull or export need.
+"""
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "control": ("cancel", "logs", "queue_move_top", "queue_view", "resume", "run_details"),
+    "cost": ("box_views", "cost", "run_costs"),
+    "export": ("export_run",),
+    "launch": ("launch", "submit_one"),
+    "pull": ("pull",),
+    "status": ("refresh", "status_of", "status_rows", "status_view"),
+    "targets": ("add_target", "check_target", "get_target", "list_targets", "local_target_record",
+                "prepare_target", "remove_target"),
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
