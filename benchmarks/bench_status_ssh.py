@@ -1,11 +1,15 @@
-"""How long `opskit status` (operations.refresh) takes over many SSH targets versus one.
+"""How long `opskit status` (operations.refresh) takes over many SSH targets versus one, in one
+process and across processes (each `opskit status` is a new process).
 
 10 SSH targets (each its own private sshd on 127.0.0.1 by default, or one shared sshd with
 --shared-server) x 5 runs each: `sleep` processes started through agent.py start, with a
 status.json heartbeat written by this script. Prints the wall time of refresh over all targets and
 over one target alone (cold: first contact, new connections; warm: median of reused connections),
-and opskit's own CPU time. Every "box" here shares this machine's cores, so the remote agents'
-CPU (~0.1 s per agent call) adds up here as it would not on real, separate boxes.
+and opskit's own CPU time. Then the same across processes: `opskit status --json` as a new process
+each time, cold (no shared connection: every box pays a handshake) and warm (the masters the first
+process left, opskit/transport/ssh_mux.py), wall and CPU of the CLI process. Every "box" here shares
+this machine's cores, so the remote agents' CPU (~0.1 s per agent call) adds up here as it would not
+on real, separate boxes.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_status_ssh.py [--targets 10] [--runs 5] [--repeat 7]
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,6 +131,42 @@ def time_refresh(store: Store, repeat: int) -> dict[str, float]:
     return {"cold": cold, "warm": med(warm), "cpu": med(cpu), "busy": med(busy), "sequential": med(sequential)}
 
 
+def time_cli_status(db: Path, repeat: int) -> dict[str, float]:
+    """`opskit status --json` as new processes: cold (shared connections stopped first), then warm
+    (medians over `repeat`): wall, and CPU of the CLI process (its ssh clients included)."""
+    env = {**os.environ, "OPSKIT_STATE": str(db), "OMP_NUM_THREADS": "1"}
+
+    def once() -> tuple[float, float]:
+        before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "opskit.cli", "status", "--json"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads(proc.stdout)
+        assert rows and all(r["state"] == "training" and not r["stale"] for r in rows), proc.stdout[-500:]
+        return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+    ssh_connection.close_all()
+    stop_masters(db)
+    cold_wall, cold_cpu = once()
+    warm = [once() for _ in range(repeat)]
+    med = statistics.median
+    return {"cold": cold_wall, "cold_cpu": cold_cpu, "warm": med(w for w, _ in warm),
+            "warm_cpu": med(c for _, c in warm)}
+
+
+def stop_masters(db: Path) -> None:
+    """Stop the shared connections to every target of the store (as if none was used for minutes)."""
+    from opskit.transport.ssh import Address, stop_shared_connection
+    with Store(db) as store:
+        for t in store.list_targets():
+            c = t["config"]
+            if c.get("host"):
+                stop_shared_connection(Address(c["host"], c.get("user"), c.get("port"), c.get("key"),
+                                               c.get("known_hosts")))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", type=int, default=10)
@@ -147,6 +189,7 @@ def main() -> None:
                 t_all, t_one = time_refresh(all_store, a.repeat), time_refresh(one_store, a.repeat)
                 states = {r["state"] for r in all_store.list_runs()}
                 assert states == {"training"}, states
+            cli_all, cli_one = time_cli_status(work / "all.db", a.repeat), time_cli_status(work / "one.db", a.repeat)
         finally:
             for box, run in started:
                 box.signal(run, "TERM")  # detach.sh forwards TERM to the command (KILL would orphan it)
@@ -164,11 +207,19 @@ def main() -> None:
                       "ratio_warm": round(t_all["warm"] / t_one["warm"], 2),
                       "opskit_cpu_all_warm_s": round(t_all["cpu"], 3), "opskit_cpu_one_warm_s": round(t_one["cpu"], 3),
                       "machine_cpu_all_warm_s": round(t_all["busy"], 3),
-                      "machine_cpu_one_warm_s": round(t_one["busy"], 3)}, indent=1))
+                      "machine_cpu_one_warm_s": round(t_one["busy"], 3),
+                      "cli_status_all_cold_s": round(cli_all["cold"], 3), "cli_status_all_warm_s": round(cli_all["warm"], 3),
+                      "cli_status_one_cold_s": round(cli_one["cold"], 3), "cli_status_one_warm_s": round(cli_one["warm"], 3),
+                      "cli_cpu_all_cold_s": round(cli_all["cold_cpu"], 3), "cli_cpu_all_warm_s": round(cli_all["warm_cpu"], 3),
+                      "cli_ratio_cold_vs_warm_all": round(cli_all["cold"] / cli_all["warm"], 2)}, indent=1))
     print(f"refresh over {a.targets} SSH targets x {a.runs} runs ({layout}): warm {t_all['warm'] * 1000:.0f} ms "
           f"vs one target {t_one['warm'] * 1000:.0f} ms (x{t_all['warm'] / t_one['warm']:.2f}); the same targets "
           f"one after another {t_all['sequential'] * 1000:.0f} ms; cold {t_all['cold'] * 1000:.0f} ms vs "
           f"{t_one['cold'] * 1000:.0f} ms (x{t_all['cold'] / t_one['cold']:.2f})")
+    print(f"`opskit status` as a new process over {a.targets} targets: cold {cli_all['cold'] * 1000:.0f} ms "
+          f"({cli_all['cold_cpu']:.2f} CPU-s), warm {cli_all['warm'] * 1000:.0f} ms ({cli_all['warm_cpu']:.2f} CPU-s; "
+          f"x{cli_all['cold'] / cli_all['warm']:.2f} faster than cold); one target: cold {cli_one['cold'] * 1000:.0f} "
+          f"ms, warm {cli_one['warm'] * 1000:.0f} ms")
     print(f"every simulated box runs on this machine's {cores} cores: one warm refresh of all targets keeps them "
           f"busy {t_all['busy']:.2f} CPU-s (at least {t_all['busy'] / cores * 1000:.0f} ms of wall on {cores} "
           f"cores), of which opskit itself {t_all['cpu']:.2f} s")

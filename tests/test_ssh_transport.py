@@ -3,6 +3,8 @@ a non-root login, and a server that goes away and comes back mid-run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,16 +88,56 @@ def test_commands_share_one_fast_connection(server):
     addr = address(server)
     res = ssh_connection.run(addr, "cat; echo; echo oops >&2; echo $SHLVL; exit 3", stdin="from stdin")
     assert (res.exit_code, res.stdout, res.stderr) == (3, "from stdin\n2\n", "oops\n")  # SHLVL=1 arrived
-    conn = ssh_connection.connection(addr)
+    mux = ssh_connection.shared_connection(addr)
+    assert mux is not None and mux.path.exists()  # OpenSSH's master, shared by every opskit process
     t0 = time.monotonic()
     for _ in range(10):
         assert ssh_connection.run(addr, "true").exit_code == 0
     per_command = (time.monotonic() - t0) / 10
-    assert ssh_connection.connection(addr) is conn
     assert per_command < 0.25, f"{per_command * 1000:.0f} ms per command over a reused connection"
     lines = []
     ssh_connection.run(addr, "for i in 1 2 3; do echo line$i; done", on_line=lines.append)
     assert lines == ["line1", "line2", "line3"]
+
+
+def test_a_second_process_reuses_the_connection_and_a_stale_socket_is_replaced(server):
+    addr = address(server)
+    mux = ssh_connection.shared_connection(addr)
+    code = ("import sys, json; from opskit.transport import ssh; from opskit.transport.ssh import Address;"
+            f"a = Address(*{json.dumps([addr.host, addr.user, addr.port, addr.key, addr.known_hosts])});"
+            "print(ssh.run(a, 'echo $PPID').stdout.strip(), 'paramiko' in sys.modules)")
+    children = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+                for _ in range(2)]
+    assert all(c.returncode == 0 for c in children), children[0].stderr
+    # the same sshd session (its master's) ran both commands: no new handshake, and no paramiko loaded
+    assert children[0].stdout.split() == children[1].stdout.split() and children[0].stdout.split()[1] == "False"
+    master = int(subprocess.run([*mux.base, "-o", f"ControlPath={mux.path}", "-O", "check", mux.dest],
+                                capture_output=True, text=True).stderr.split("pid=")[1].split(")")[0])
+    os.kill(master, signal.SIGKILL)  # the master dies and leaves its socket behind
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{master}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mux.path.exists()
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.split()[0] != children[0].stdout.split()[0]
+    assert "Control socket" not in again.stderr
+
+
+def test_without_openssh_masters_the_paramiko_pool_serves(server):
+    from opskit.transport import ssh_pool
+    addr = address(server)
+    res = ssh_pool.run(addr, "cat; echo $SHLVL", stdin="pooled ")
+    assert (res.exit_code, res.stdout) == (0, "pooled 2\n")
+    conn = ssh_pool.connection(addr)
+    assert ssh_pool.run(addr, "true").exit_code == 0 and ssh_pool.connection(addr) is conn
+    conn.transport.close()  # e.g. a NAT dropped it overnight: replaced once
+    assert ssh_pool.run(addr, "echo again").stdout == "again\n"
+    env = {**os.environ, "OPSKIT_SSH_MUX": "0"}
+    code = ("import sys; from opskit.transport import ssh; from opskit.transport.ssh import Address;"
+            f"print(ssh.run(Address('127.0.0.1', 'root', {addr.port}, {addr.key!r}, {addr.known_hosts!r}), "
+            "'echo hi').stdout.strip(), ssh.shared_connection(Address('127.0.0.1')) is None)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert child.stdout.split() == ["hi", "True"], child.stderr
 
 
 def test_timeouts_refusals_and_bad_keys_are_target_unreachable(server, tmp_path):
@@ -112,12 +154,6 @@ def test_timeouts_refusals_and_bad_keys_are_target_unreachable(server, tmp_path)
     stranger = Address("127.0.0.1", "root", server.port, str(other_key), str(server.known_hosts))
     with pytest.raises(TargetUnreachable, match="authentication failed"):
         ssh_connection.run(stranger, "true")
-
-
-def test_dead_pooled_connection_is_replaced_once(server):
-    addr = address(server)
-    ssh_connection.connection(addr).transport.close()  # e.g. a NAT dropped it overnight
-    assert ssh_connection.run(addr, "echo again").stdout == "again\n"
 
 
 # ------------------------------------------------------------------ rsync

@@ -52,8 +52,10 @@ def report(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only
     header, rows = summary_table(out.report)
     con = console()
     con.print(table(header, rows, left=("phase", "config"), title="mean ± population std over seeds"))
+    from opskit.results.artifacts import NOT_PULLED
     for r in out.report.not_done:
-        con.print(f"[yellow]not in the averages[/yellow] {r.name}: {r.state}")
+        hint = f" (opskit pull {r.name})" if r.state == NOT_PULLED else ""
+        con.print(f"[yellow]not in the averages[/yellow] {r.name}: {r.state}{hint}", highlight=False)
     for f in out.figures:
         if f.path is None or f.note:
             con.print(f"[dim]{f.note}[/dim]")

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from opskit.cli.app import app, open_store, runs_app
-from opskit.cli.output import JSON, console, emit, fmt_age, for_humans
+from opskit.cli.output import JSON, console, emit, fmt_age, fmt_num, for_humans
 from opskit.cli.status import watch_runs
 from opskit.errors import OpsError
 
@@ -16,40 +16,55 @@ from opskit.errors import OpsError
 @app.command()
 def launch(
     phase: str = typer.Argument(..., help="Phase from the catalog, e.g. demo, p0, p1."),
-    config: Optional[List[str]] = typer.Option(None, "--config", "-c", help="Only these configs (repeatable)."),
-    seed: Optional[List[int]] = typer.Option(None, "--seed", "-s", help="Only these seeds (repeatable)."),
+    config: Optional[List[str]] = typer.Option(None, "--config", "-c", metavar="CONFIG",
+                                               help="Only these configs (repeatable)."),
+    seed: Optional[List[int]] = typer.Option(None, "--seed", "-s", metavar="SEED", help="Only these seeds (repeatable)."),
     target: str = typer.Option("local", "--target", "-t", help="Target name (opskit targets list)."),
     matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs, specs and commands; start nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what each run needs and the command; start nothing."),
     rerun: bool = typer.Option(False, "--rerun", help="Start done/failed runs again from scratch."),
+    force: bool = typer.Option(False, "--force", help="Launch runs the target cannot run well (no GPUs for a large "
+                                                      "preset, bf16 on a CPU, an unreachable hub) anyway."),
     wait: bool = typer.Option(False, "--wait", help="Show live status until every launched run has ended."),
-    after: Optional[List[str]] = typer.Option(None, "--after", help="Start only once this run is done (repeatable)."),
+    after: Optional[List[str]] = typer.Option(None, "--after", metavar="RUN",
+                                              help="Start only once this run is done (repeatable)."),
     tracker: Optional[List[str]] = typer.Option(None, "--tracker", metavar="tensorboard|wandb|mlflow:URI",
                                                 help="Also log to this tracker (repeatable; docs/trackers.md)."),
     as_json: bool = JSON,
 ):
     """Expand a phase into runs and queue them on a target (each starts detached as GPUs free up).
 
-    Example: opskit launch demo --config hybrid_a0.2_t100k --seed 42
+    Each run is checked against its target first (GPUs, memory, dtype, data) and refused in one line
+    if it cannot run there. Exits 1 when no run was started (all refused, e.g. already done).
+
+    \b
+    Example: opskit launch demo --config hybrid_a0.2_t100k --seed 123
+    Example: opskit launch p0 --target box1 --dry-run
     """
     from opskit import operations
     out = console()
     with open_store() as store:
         result = operations.launch(store, phase, config, seed, target, matrix, rerun, dry_run,
                                    on_event=lambda m: out.print(f"[dim]{m}[/dim]") if not as_json else None,
-                                   after=after, trackers=tracker)
+                                   after=after, trackers=tracker, force=force)
     emit(result, as_json, lambda rows: _print_launch(out, rows, dry_run))
-    if wait and not dry_run:
-        started = [r["run"] for r in result if r.get("started") or r.get("queued")]
-        if started:
-            watch_runs(started)
+    started = [r["run"] for r in result if r.get("started") or r.get("queued")]
+    if dry_run:
+        return
+    if not started:
+        raise typer.Exit(1)
+    if wait:
+        watch_runs(started)
 
 
 def _print_launch(out, rows: list[dict], dry_run: bool) -> None:
     for r in rows:
         if dry_run:
-            mark = "would start" if r["start"] else "refused"
+            mark = "refused" if not r["start"] else "would refuse" if r["problems"] else "would start"
             out.print(f"{mark}: [bold]{r['run']}[/bold] on {r['target']} ({r['reason']})")
+            out.print(f"  {needs_line(r['needs'])}", markup=False, highlight=False)
+            if r["start"] and r["problems"]:
+                out.print(f"  [yellow]cannot run there:[/yellow] {'; '.join(r['problems'])} (--force launches it anyway)")
             out.print(f"  command: {' '.join(r['command'])}", markup=False)
             if r.get("sbatch"):
                 out.print(r["sbatch"], markup=False)
@@ -59,6 +74,17 @@ def _print_launch(out, rows: list[dict], dry_run: bool) -> None:
             out.print(f"[green]started[/green] {r['run']} (attempt {r['attempt']}, pid {r.get('pid') or r.get('job_id')})")
         else:
             out.print(f"[yellow]not started[/yellow] {r['run']}: {r['reason']}")
+
+
+def needs_line(n: dict) -> str:
+    """preset (parameters), tokens, steps, dtype, data, GPUs and GPU-hours of one planned run."""
+    data = "+".join(n["data"]) or "-"
+    gpus = f"{n['gpus']} GPU{'s' if n['gpus'] != 1 else ''}" if n["gpus"] else "CPU"
+    if n["kind"] == "downstream":
+        return f"downstream evaluation, {gpus}, {n['dtype']}"
+    return (f"preset {n['preset']} ({n['params'] / 1e6:,.1f}M params), {fmt_num(n['tokens'])} tokens, {n['steps']:,} steps, "
+            f"{n['dtype']}, data {data}, tokenizer {n['tokenizer']}, {gpus}, ~{n['memory_gb']:g} GB per "
+            f"{'GPU' if n['gpus'] else 'process'}, ~{n['gpu_hours']:,.1f} GPU-hours (H100 bf16 at 40% MFU)")
 
 
 @app.command()

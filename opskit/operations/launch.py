@@ -9,6 +9,7 @@ from typing import Callable
 from opskit import catalog, planning, states
 from opskit.code_record import CodeRecord, environment_argv, record_code
 from opskit.errors import OpsError
+from opskit.operations import preflight
 from opskit.operations.targets import get_target
 from opskit.store import Store
 from opskit.targets import Target
@@ -25,9 +26,11 @@ def quiet(_msg: str) -> None:
 
 def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: list[int] | None = None,
            target: str = "local", matrix: str | None = None, rerun: bool = False, dry_run: bool = False,
-           on_event: Notify = quiet, after: list[str] | None = None, trackers: list[str] | None = None) -> list[dict]:
-    """Expand the phase, refuse duplicates and bad specs, prepare/sync the target once, then submit
-    each run (local/SSH: its queue's supervisor starts it when GPUs free up; SLURM: sbatch).
+           on_event: Notify = quiet, after: list[str] | None = None, trackers: list[str] | None = None,
+           force: bool = False) -> list[dict]:
+    """Expand the phase, refuse duplicates, bad specs and runs the target cannot run (preflight.py;
+    `force` launches those anyway), prepare/sync the target once, then submit each run (local/SSH:
+    its queue's supervisor starts it when GPUs free up; SLURM: sbatch).
     `after`: runs on the same target that must be done before these start; `trackers`: added to the
     matrix's `tracking` (docs/trackers.md). Each run records the code it was launched with."""
     m, ph = catalog.resolve_phase(phase, matrix)
@@ -38,6 +41,11 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
     tgt = get_target(store, target)
     after = list(after or [])
     code = record_code(PROJECT_ROOT, CODE_PATHS)
+    checks = {}  # before the write transaction: the hub check may wait on the network
+    for p in planned:
+        spec = planning.build_spec(p, tgt.workdir, 1)
+        need = preflight.needs(tgt, spec)
+        checks[p.name] = (need, preflight.problems(tgt, spec, need))
     with store.transaction():  # decide and claim at once: two launches of one run never both start it
         existing = {p.name: store.get_run(p.name) for p in planned}
         decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
@@ -46,8 +54,12 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run))
                  for d in decisions if d.start}
         if dry_run:
-            return [_dry_run_plan(tgt, d, specs.get(d.run.name), waits.get(d.run.name, []), code) for d in decisions]
+            return [_dry_run_plan(tgt, d, specs.get(d.run.name), waits.get(d.run.name, []), code, *checks[d.run.name])
+                    for d in decisions]
         to_start = [d for d in decisions if d.start]
+        refused = [(d.run.name, checks[d.run.name][1]) for d in to_start if checks[d.run.name][1]]
+        if refused and not force:
+            raise OpsError(preflight.refusal(refused, target))
         for d in to_start:
             store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
                               "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
@@ -105,11 +117,12 @@ def _end_unhanded(store: Store, runs: list[str], error: BaseException, target: s
 
 
 def _dry_run_plan(tgt: Target, d: planning.LaunchDecision, spec: dict | None, after: list[str],
-                  code: CodeRecord) -> dict:
+                  code: CodeRecord, need: dict, problems: list[str]) -> dict:
     spec = spec or planning.build_spec(d.run, tgt.workdir, d.attempt)
     command = tgt.command(d.run.name, spec)
     return {"run": d.run.name, "start": d.start, "reason": d.reason, "target": tgt.name, "spec": spec,
-            "after": after, "command": command, "code": {"commit": code.commit, "dirty": code.dirty},
+            "after": after, "needs": need, "problems": problems, "command": command,
+            "code": {"commit": code.commit, "dirty": code.dirty},
             **tgt.plan(d.run.name, command, d.attempt)}
 
 

@@ -12,6 +12,9 @@ from opskit.states import DONE
 RUNS_CSV = "runs.csv"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
+# results.json's tokens_per_s: the whole run's tokens over its training time (status shows the last
+# interval's instead: "tok/s last")
+RUN_AVG_TPS = "tokens/s (run avg)"
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,9 @@ def build_report(runs: list[RunArtifacts]) -> Report:
         summaries.append(ConfigSummary(
             phase=phase, config=config, seeds=[r.seed for r in done],
             ppl={length: st for length in lengths if (st := stat([r.ppl[length] for r in done if length in r.ppl]))},
-            final_loss=stat([r.results["final_train_loss"] for r in done if r.results.get("final_train_loss") is not None]),
-            tokens_per_s=stat([v for r in done if (v := tokens_per_s(r.results)) is not None]),
+            final_loss=stat([r.results["final_train_loss"] for r in done
+                             if (r.results or {}).get("final_train_loss") is not None]),
+            tokens_per_s=stat([v for r in done if (v := tokens_per_s(r.results or {})) is not None]),
         ))
     return Report(runs=runs, summaries=summaries, lengths=lengths)
 
@@ -158,7 +162,7 @@ def _fmt(st: Stat | None, n_seeds: int, digits: int = 2) -> str:
 def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-config table, as printed and written to Markdown."""
     first = ["phase", "config"] if report.multi_phase else ["config"]
-    header = first + ["seeds"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens/s"]
+    header = first + ["seeds"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", RUN_AVG_TPS]
     header += ["cost"] if report.costs else []
     rows = []
     for s in report.summaries:
@@ -177,7 +181,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def markdown(report: Report, figure_notes: list[str] | None = None) -> str:
     header, rows = summary_table(report)
-    run_header = ["run", "state"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens", "tokens/s"]
+    run_header = ["run", "state"] + [f"PPL@{length_label(x)}" for x in report.lengths] + ["final loss", "tokens", RUN_AVG_TPS]
     run_header += ["cost"] if report.costs else []
     run_table = []
     for r in report.runs:

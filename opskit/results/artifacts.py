@@ -11,6 +11,9 @@ from train import contract
 from train.contract import DOWNSTREAM, PASSKEY
 
 
+NOT_PULLED = "done, not pulled"  # `opskit pull` brings its results
+
+
 class ArtifactError(OpsError):
     pass
 
@@ -30,7 +33,7 @@ class RunArtifacts:
     downstream: dict | None = None
     passkey: dict | None = None
     loss_curve: list[dict] = field(default_factory=list)
-    store_state: str | None = None  # the store's view, for runs that were never pulled
+    store_state: str | None = None  # the store's view of the run (its state now, pulled or not)
 
     @property
     def name(self) -> str:
@@ -38,9 +41,12 @@ class RunArtifacts:
 
     @property
     def state(self) -> str:
-        """done, or why the run has no results: failed, interrupted, training, ..., missing."""
+        """done, or why the run has no results: done but not pulled yet, failed, interrupted,
+        training, ..., missing."""
         if self.results is not None or self.downstream is not None:  # downstream phases write no results.json
             return DONE
+        if self.store_state == DONE:  # finished on its target since the last pull (or never pulled)
+            return NOT_PULLED
         if self.status and self.status.get("state"):
             return self.status["state"]
         if self.store_state:
@@ -139,9 +145,12 @@ def load_runs(raw_dir: Path, phase: str | None = None) -> list[RunArtifacts]:
 
 def add_expected(runs: list[RunArtifacts], expected: list[tuple[str, str, int]],
                  store_states: dict[str, str] | None = None) -> list[RunArtifacts]:
-    """Add a placeholder for every expected (phase, config, seed) that was never pulled."""
+    """Add a placeholder for every expected (phase, config, seed) that was never pulled; every run
+    gets the store's state of it."""
     have = {(r.phase, r.config, r.seed) for r in runs}
     store_states = store_states or {}
+    for r in runs:
+        r.store_state = store_states.get(r.name, r.store_state)
     extra = [RunArtifacts(phase=p, config=c, seed=s, path=None, store_state=store_states.get(contract.run_name(p, c, s)))
              for p, c, s in expected if (p, c, s) not in have]
     return sorted(runs + extra, key=lambda r: (r.phase, r.config, r.seed))

@@ -1,29 +1,23 @@
-"""A box over SSH as a Shell: commands over one reused connection per host (fabric for ~/.ssh/config
-and auth, paramiko channels), files with rsync over OpenSSH.
+"""A box over SSH as a Shell: commands through OpenSSH's shared connection to the box (ssh_mux.py:
+one master per box and user, kept across opskit processes), or, where that is unavailable, through
+this process's paramiko pool (ssh_pool.py); files with rsync over OpenSSH (through the master too).
 
-A process-wide pool keyed by (user, host, port, key) keeps one authenticated transport per box;
-threads open their own channels on it. Connection failures become `TargetUnreachable`.
-Every command is sent with `SHLVL=1` (needs `AcceptEnv SHLVL` on the server): bash then skips
-~/.bashrc for non-interactive ssh commands, which saves ~140 ms where it runs `pyenv init`.
+Connection failures become `TargetUnreachable`. Every command is sent with `SHLVL=1` (needs
+`AcceptEnv SHLVL` on the server): bash then skips ~/.bashrc for non-interactive ssh commands, which
+saves ~140 ms where it runs `pyenv init`.
 """
 from __future__ import annotations
 
-import codecs
 import os
 import re
-import select
-import socket
+import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import paramiko
-from fabric import Connection
-
-from opskit.errors import OpsError, TargetUnreachable
-from opskit.transport import Result, Shell, quote, rsync
+from opskit.errors import OpsError
+from opskit.transport import Result, Shell, quote, rsync, ssh_mux
 
 CONNECT_TIMEOUT_S = 5.0
 REMOTE_ENV = {"SHLVL": "1"}
@@ -60,69 +54,54 @@ def key_path(option: str) -> str:
     return str(key.resolve())
 
 
-class _Pooled:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.conn: Connection | None = None
-
-
-_pool: dict[Address, _Pooled] = {}
-_pool_lock = threading.Lock()
-
-
-def _connect(addr: Address) -> Connection:
-    connect_kwargs: dict = {"banner_timeout": CONNECT_TIMEOUT_S, "auth_timeout": CONNECT_TIMEOUT_S}
+def openssh_argv(addr: Address) -> list[str]:
+    """`ssh` and its options for `addr` (no destination): batch mode, connect timeout, SHLVL=1."""
+    cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT_S)}",
+           "-o", "ServerAliveInterval=15", "-o", "SetEnv=SHLVL=1"]
+    if addr.port:
+        cmd += ["-p", str(addr.port)]
     if addr.key:
-        connect_kwargs["key_filename"] = [os.path.expanduser(addr.key)]
-    conn = Connection(addr.host, user=addr.user, port=addr.port, connect_timeout=CONNECT_TIMEOUT_S,
-                      connect_kwargs=connect_kwargs, inline_ssh_env=False)
-    if addr.known_hosts and os.path.exists(addr.known_hosts):
-        conn.client.load_host_keys(addr.known_hosts)
-    sock = None
-    if conn.gateway is None:  # our own socket, with TCP_NODELAY: ~16 ms per command instead of ~100
-        try:
-            sock = socket.create_connection((conn.host, conn.port), timeout=CONNECT_TIMEOUT_S)
-        except OSError as e:
-            raise TargetUnreachable(f"{addr} unreachable: {e.strerror or e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.connect_kwargs["sock"] = sock
+        cmd += ["-i", os.path.expanduser(addr.key)]
+    # A new box's host key is accepted and remembered (as fabric's AutoAddPolicy does); a changed one is refused.
+    cmd += ["-o", "StrictHostKeyChecking=accept-new"]
+    if addr.known_hosts:
+        cmd += ["-o", f"UserKnownHostsFile={addr.known_hosts}"]
+    return cmd
+
+
+_muxes: dict[Address, ssh_mux.Mux | None] = {}
+_muxes_lock = threading.Lock()
+
+
+def _mux_of(addr: Address) -> ssh_mux.Mux | None:
+    with _muxes_lock:
+        if addr not in _muxes:
+            directory = ssh_mux.socket_dir() if ssh_mux.available() else None
+            host = f"{addr.user + '@' if addr.user else ''}{addr.host}"
+            _muxes[addr] = ssh_mux.Mux(openssh_argv(addr), host, str(addr), directory) if directory else None
+        return _muxes[addr]
+
+
+def shared_connection(addr: Address) -> ssh_mux.Mux | None:
+    """The box's shared OpenSSH connection, started if needed; None where it cannot be used (then
+    this process's paramiko pool serves the box). Raises TargetUnreachable if the box cannot be reached."""
+    mux = _mux_of(addr)
+    if mux is None:
+        return None
     try:
-        conn.open()
-    except paramiko.AuthenticationException as e:
-        raise TargetUnreachable(f"{addr}: authentication failed ({e}); check --key or your ssh agent") from None
-    except (paramiko.SSHException, OSError, EOFError) as e:
-        if sock is not None:
-            sock.close()
-        raise TargetUnreachable(f"{addr} unreachable: {e}") from None
-    conn.transport.set_keepalive(15)
-    return conn
+        mux.ensure()
+    except ssh_mux.MuxUnavailable:
+        with _muxes_lock:
+            _muxes[addr] = None
+        return None
+    return mux
 
 
-def connection(addr: Address, fresh: bool = False) -> Connection:
-    """The pooled, open connection to `addr` (a new one if it is missing, dead, or `fresh`)."""
-    with _pool_lock:
-        slot = _pool.setdefault(addr, _Pooled())
-    with slot.lock:
-        if fresh or slot.conn is None or not slot.conn.is_connected:
-            if slot.conn is not None:
-                slot.conn.close()
-            slot.conn = None
-            slot.conn = _connect(addr)
-        return slot.conn
-
-
-def _open_channel(addr: Address) -> paramiko.Channel:
-    """A session channel; a dead pooled connection is replaced once before giving up."""
-    for attempt in (0, 1):
-        conn = connection(addr, fresh=attempt == 1)
-        try:
-            chan = conn.transport.open_session(timeout=CONNECT_TIMEOUT_S)
-            chan.update_environment(REMOTE_ENV)
-            return chan
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            if attempt == 1:
-                raise TargetUnreachable(f"{addr} unreachable: {e or type(e).__name__}") from None
-    raise AssertionError("unreachable")
+def stop_shared_connection(addr: Address) -> None:
+    """Stop the box's shared connection, if one runs (the next command, in any process, starts anew)."""
+    mux = _mux_of(addr)
+    if mux is not None:
+        mux.stop()
 
 
 def run(addr: Address, command: str, stdin: str | None = None, timeout: float = 60,
@@ -130,63 +109,32 @@ def run(addr: Address, command: str, stdin: str | None = None, timeout: float = 
     """Run a shell command on the box and wait for it (at most `timeout` seconds).
 
     With `on_line`, stdout lines are also passed on as they arrive (prepare's progress)."""
-    chan = _open_channel(addr)
-    deadline = time.monotonic() + timeout
-    out, err, pending = bytearray(), bytearray(), b""
-    try:
-        chan.exec_command(command)
-        if stdin is not None:
-            chan.sendall(stdin.encode())
-        chan.shutdown_write()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                what = label or f"command {command[:120]!r}"
-                raise TargetUnreachable(f"{addr}: {what} timed out after {timeout:.0f}s")
-            select.select([chan], [], [], min(remaining, 1.0))
-            got = False
-            while chan.recv_ready():
-                data = chan.recv(65536)
-                out += data
-                got = True
-                if on_line:
-                    pending += data
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        on_line(line.decode(errors="replace"))
-            while chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
-                got = True
-            if not got and chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
-            if not got and chan.closed:
-                break
-        if on_line and pending:
-            on_line(pending.decode(errors="replace"))
-        code = chan.recv_exit_status() if chan.exit_status_ready() else -1
-    except (paramiko.SSHException, OSError, EOFError) as e:
-        raise TargetUnreachable(f"{addr}: connection lost during command: {e or type(e).__name__}") from None
-    finally:
-        chan.close()
-    return Result(code, out.decode(errors="replace"), err.decode(errors="replace"))
+    mux = shared_connection(addr)
+    if mux is not None:
+        return mux.run(command, stdin=stdin, timeout=timeout, on_line=on_line, label=label)
+    from opskit.transport import ssh_pool
+    return ssh_pool.run(addr, command, stdin=stdin, timeout=timeout, on_line=on_line, label=label)
 
 
 def stream(addr: Address, command: str) -> Iterator[str]:
-    """Yield the command's stdout as it arrives until it exits; closing the generator closes the channel."""
-    chan = _open_channel(addr)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
-    try:
-        chan.exec_command(command)
-        chan.shutdown_write()
-        while True:
-            data = chan.recv(65536)
-            if not data:
-                return
-            yield decoder.decode(data)
-    except (paramiko.SSHException, OSError, EOFError) as e:
-        raise TargetUnreachable(f"{addr}: connection lost while streaming: {e or type(e).__name__}") from None
-    finally:
-        chan.close()
+    """Yield the command's stdout as it arrives until it exits; closing the generator stops it."""
+    mux = shared_connection(addr)
+    if mux is not None:
+        return mux.stream(command)
+    from opskit.transport import ssh_pool
+    return ssh_pool.stream(addr, command)
+
+
+def close_all() -> None:
+    """Stop the shared connections this process used and close its pooled ones: the next command
+    connects afresh (benchmarks measure a cold start this way)."""
+    with _muxes_lock:
+        muxes = [m for m in _muxes.values() if m is not None]
+        _muxes.clear()
+    for mux in muxes:
+        mux.stop()
+    if "opskit.transport.ssh_pool" in sys.modules:
+        sys.modules["opskit.transport.ssh_pool"].close_all()
 
 
 class SSHShell(Shell):
@@ -237,16 +185,6 @@ class SSHShell(Shell):
         return f"{addr.user + '@' if addr.user else ''}{host}:{path}", ["-e", quote(self.ssh_argv())]
 
     def ssh_argv(self) -> list[str]:
-        """The `ssh` argv rsync uses: batch mode, connect timeout, SHLVL=1 like our own commands."""
-        addr = self.address
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT_S)}",
-               "-o", "ServerAliveInterval=15", "-o", "SetEnv=SHLVL=1"]
-        if addr.port:
-            cmd += ["-p", str(addr.port)]
-        if addr.key:
-            cmd += ["-i", os.path.expanduser(addr.key)]
-        # A new box's host key is accepted and remembered (as fabric's AutoAddPolicy does); a changed one is refused.
-        cmd += ["-o", "StrictHostKeyChecking=accept-new"]
-        if addr.known_hosts:
-            cmd += ["-o", f"UserKnownHostsFile={addr.known_hosts}"]
-        return cmd
+        """The `ssh` argv rsync uses: through the shared connection when there is one."""
+        mux = shared_connection(self.address)
+        return openssh_argv(self.address) + (mux.options() if mux else [])
