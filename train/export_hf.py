@@ -185,8 +185,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int
     if dtype not in ("fp32", "bf16"):
         raise ExportError(f"dtype must be fp32 or bf16, got {dtype!r}")
     out_dir = Path(out_dir)
+    loaded = load_run_model(run_dir, step)  # first: a run without a checkpoint leaves no empty out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_run_model(run_dir, step)
     spec, model = loaded.spec, loaded.model
     spectrum, scaling = rope_settings(spec)
     eos_id = save_tokenizer(spec["tokenizer"], spec["cache_dir"], out_dir)

@@ -10,13 +10,31 @@ import typer
 
 from opskit.errors import OpsError
 
+try:  # typer vendors click since 0.2x; older ones use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:
+    from click.exceptions import ClickException
+    NoArgsIsHelpError = ()  # (click < 8.2 prints the help itself)
+
+
+
+def _help(text: str, *examples: str) -> str:
+    """A command group's help: its line, then its examples one per line (\b keeps click from joining them)."""
+    return text + "\n\n\b\n" + "\n".join(f"Example: {e}" for e in examples)
+
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
-                  help="Launch, watch and collect RoPE-spectrum training runs on local, SSH and SLURM targets.\n\n"
-                       "Example: opskit launch demo --wait && opskit status && opskit pull")
-targets_app = typer.Typer(no_args_is_help=True, help="Machines that run the trainer: local, ssh, slurm.")
-matrix_app = typer.Typer(no_args_is_help=True, help="The experiment catalog (configs/*.yaml).")
-runs_app = typer.Typer(no_args_is_help=True, help="One run in detail.")
-rope_app = typer.Typer(no_args_is_help=True, help="RoPE spectra: check a config before spending GPU hours on it.")
+                  help=_help("Launch, watch and collect RoPE-spectrum training runs on local, SSH and SLURM targets.",
+                             "opskit launch demo --wait && opskit status && opskit pull",
+                             "opskit status --state failed --since 1d"))
+targets_app = typer.Typer(no_args_is_help=True, help=_help(
+    "Machines that run the trainer: local, ssh, slurm.", "opskit targets add box1 --ssh ubuntu@203.0.113.7 --gpus 8",
+    "opskit targets check box1"))
+matrix_app = typer.Typer(no_args_is_help=True, help=_help("The experiment catalog (configs/*.yaml).",
+                                                          "opskit matrix show --phase demo"))
+runs_app = typer.Typer(no_args_is_help=True, help=_help("One run in detail.", "opskit runs show demo/geo_500k/s42"))
+rope_app = typer.Typer(no_args_is_help=True, help=_help("RoPE spectra: check a config before spending GPU hours on it.",
+                                                        "opskit rope show hybrid_a0.2_t100k --preset 1.5B"))
 app.add_typer(targets_app, name="targets")
 app.add_typer(matrix_app, name="matrix")
 app.add_typer(runs_app, name="runs")
@@ -25,9 +43,21 @@ app.add_typer(rope_app, name="rope")
 _state_path: Optional[str] = None
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            typer.echo(f"opskit {version('opskit')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("opskit (not installed: pip install -e .)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(state: Optional[str] = typer.Option(None, "--state", envvar="OPSKIT_STATE",
-                                                 help="Path of the run store (default ./state.db).")):
+                                                 help="Path of the run store (default ./state.db).", metavar="PATH"),
+            _version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="Print opskit's version and exit.")):
     global _state_path
     _state_path = state
 
@@ -54,14 +84,22 @@ def open_store_if_exists():
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come here, to be printed on one line
     except OpsError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except ClickException as e:
+        if isinstance(e, NoArgsIsHelpError):  # `opskit targets` alone: its help
+            e.show()
+            sys.exit(0)
+        where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        typer.echo(f"error: {e.format_message()}{where}", err=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
     except Exception as e:  # a bug or an unforeseen failure: one line, the traceback on request
         if os.environ.get("OPSKIT_DEBUG"):
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (set OPSKIT_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -11,11 +11,12 @@ from opskit.errors import OpsError
 
 
 @matrix_app.command("show")
-def matrix_show(matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file."),
-                phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase."),
+def matrix_show(matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file.", metavar="MATRIX"),
+                phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase.", metavar="PHASE"),
                 as_json: bool = JSON):
     """The matrices and the runs each phase expands to.
 
+    \b
     Example: opskit matrix show --matrix 1p5b --phase p0
     """
     from opskit import catalog
@@ -34,6 +35,7 @@ def _print_phases(phases: list[dict]) -> None:
 def models(as_json: bool = JSON):
     """Model presets with their parameter counts (computed from the shapes).
 
+    \b
     Example: opskit models --json
     """
     from train.presets import list_presets
@@ -43,44 +45,73 @@ def models(as_json: bool = JSON):
                                     for r in rows], left=("name",))))
 
 
-@rope_app.command("show")
-def rope_show(name: str = typer.Argument(..., help="Spectrum, e.g. geo_500k, hybrid_a0.2_t100k."),
-              head_dim: int = typer.Option(64, "--head-dim"),
-              scaling: Optional[str] = typer.Option(None, "--scaling", help="pi, ntk, yarn or dynamic."),
-              factor: Optional[float] = typer.Option(None, "--factor", help="Scaling factor s."),
-              original_max: Optional[int] = typer.Option(None, "--original-max", help="Original (training) length."),
-              length: Optional[int] = typer.Option(None, "--length", help="Sequence length a dynamic scaling is "
-                                                                          "computed at (HF dynamic NTK)."),
+DEFAULT_HEAD_DIM = 64
+
+
+def _spectrum_names() -> str:
+    from train.spectra import GRAMMAR
+    return "\b\n" + GRAMMAR
+
+
+@rope_app.command("show", epilog=_spectrum_names())
+def rope_show(name: str = typer.Argument(..., help="Spectrum, e.g. geo_500k, hybrid_a0.2_t100k.", metavar="NAME"),
+              preset: Optional[str] = typer.Option(None, "--preset", metavar="PRESET",
+                                                   help="Take head_dim from this model preset (opskit models)."),
+              head_dim: Optional[int] = typer.Option(None, "--head-dim", metavar="D",
+                                                     help=f"Frequencies for this head_dim (default: the preset's, "
+                                                          f"else {DEFAULT_HEAD_DIM})."),
+              scaling: Optional[str] = typer.Option(None, "--scaling", help="pi, ntk, yarn or dynamic.",
+                                                    metavar="pi|ntk|yarn|dynamic"),
+              factor: Optional[float] = typer.Option(None, "--factor", help="Scaling factor s (>= 1).", metavar="S"),
+              original_max: Optional[int] = typer.Option(None, "--original-max", help="Original (training) length.",
+                                                         metavar="LENGTH"),
+              length: Optional[int] = typer.Option(None, "--length", metavar="LENGTH",
+                                                   help="Sequence length a dynamic scaling is computed at (HF "
+                                                        "dynamic NTK)."),
               as_json: bool = JSON):
     """Frequencies, wavelengths and attention factor of a spectrum (with an optional scaling).
 
-    Example: opskit rope show hybrid_a0.2_t100k --head-dim 128 --scaling yarn --factor 4 --original-max 2048
+    \b
+    Example: opskit rope show hybrid_a0.2_t100k --preset 1.5B
+    Example: opskit rope show geo_500k --preset tiny --scaling yarn --factor 4 --original-max 2048
     """
-    from train import spectra
-    sc = None
-    if scaling:
-        if factor is None or original_max is None:
-            raise OpsError("--scaling needs --factor and --original-max")
-        sc = spectra.Scaling(scaling, factor, original_max)
+    from train import presets, spectra
+    if preset and head_dim is not None:
+        raise OpsError("give --preset or --head-dim, not both")
     try:
+        if preset:
+            head_dim, source = presets.get_preset(preset).head_dim, f"preset {preset}"
+        elif head_dim is None:
+            head_dim, source = DEFAULT_HEAD_DIM, "the default; --preset or --head-dim choose another"
+        else:
+            source = "--head-dim"
+        sc = None
+        if scaling:
+            if factor is None or original_max is None:
+                raise OpsError("--scaling needs --factor and --original-max")
+            sc = spectra.Scaling(scaling, factor, original_max)
         d = spectra.describe(name, head_dim=head_dim, scaling=sc, length=length)
-    except ValueError as e:
-        raise OpsError(str(e)) from None
-    emit(d, as_json, _print_spectrum)
+    except ValueError as e:  # a spectrum, preset or scaling mistake: its first line is the message
+        lines = str(e).splitlines()
+        more = " (`opskit rope show --help` lists the spectrum names)" if len(lines) > 1 else ""
+        raise OpsError(lines[0] + more) from None
+    emit({**d, "head_dim_from": source}, as_json, _print_spectrum)
 
 
 def _print_spectrum(d: dict) -> None:
-    typer.echo(f"{d['name']}  head_dim {d['head_dim']}  attention factor {d['attention_factor']:.4f}")
+    typer.echo(f"{d['name']}  head_dim {d['head_dim']} ({d['head_dim_from']})  "
+               f"attention factor {d['attention_factor']:.4f}")
     typer.echo(f"{'k':>4}  {'inv_freq':>14}  {'wavelength':>14}")
     for k, (w, lam) in enumerate(zip(d["inv_freq"], d["wavelengths"])):
         typer.echo(f"{k:>4}  {w:>14.6e}  {lam:>14.1f}")
 
 
 @app.command()
-def datasets(info: Optional[str] = typer.Option(None, "--info", help="Details of one dataset."),
+def datasets(info: Optional[str] = typer.Option(None, "--info", help="Details of one dataset.", metavar="NAME"),
              as_json: bool = JSON):
     """Datasets the trainer knows (Hugging Face ids, local:PATH, the offline demo corpus).
 
+    \b
     Example: opskit datasets --info fineweb-edu
     """
     from train.data import registry

@@ -18,16 +18,19 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 @app.command()
-def report(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase (default: every phase under results/raw/)."),
+def report(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase (default: every phase under results/raw/).", metavar="PHASE"),
            scaling: bool = typer.Option(False, "--scaling", help="Fit L(N) and L(D) scaling laws instead of the phase report."),
-           to_params: str = typer.Option("1.5e9,7e9", "--to-params", help="Model sizes to extrapolate L(N) to (--scaling)."),
-           to_tokens: str = typer.Option("3e10,1e11", "--to-tokens", help="Token counts to extrapolate L(D) to (--scaling)."),
-           results_dir: str = typer.Option("results", "--results-dir", help="Folder holding raw/; processed/ is written beside it."),
+           to_params: str = typer.Option("1.5e9,7e9", "--to-params", help="Model sizes to extrapolate L(N) to (--scaling).", metavar="N,N,..."),
+           to_tokens: str = typer.Option("3e10,1e11", "--to-tokens", help="Token counts to extrapolate L(D) to (--scaling).", metavar="D,D,..."),
+           results_dir: str = typer.Option("results", "--results-dir", help="Folder holding raw/; processed/ is written beside it.", metavar="DIR"),
            as_json: bool = JSON):
     """Tables (CSV, Markdown) and figures under results/processed/ from the pulled runs.
 
     Per-run CSV, per-config mean ± std over seeds, the six figures; missing and failed runs are listed.
-    Example: opskit report --phase p0    (or: opskit report --scaling --to-params 1.5e9)
+
+    \b
+    Example: opskit report --phase p0
+    Example: opskit report --scaling --to-params 1.5e9
     """
     from pathlib import Path
 
@@ -63,13 +66,14 @@ def report(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only
 
 
 @app.command()
-def gate(phase: str = typer.Argument(..., help="Phase with a gate rule, e.g. p0."),
-         matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file."),
+def gate(phase: str = typer.Argument(..., help="Phase with a gate rule, e.g. p0.", metavar="PHASE"),
+         matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file.", metavar="MATRIX"),
          allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Gate on the runs that finished; the others are recorded."),
-         results_dir: str = typer.Option("results", "--results-dir", help="Folder holding raw/."),
+         results_dir: str = typer.Option("results", "--results-dir", help="Folder holding raw/.", metavar="DIR"),
          as_json: bool = JSON):
     """Apply the phase's gate rule to its pulled results, record the decision, list the configs that go on.
 
+    \b
     Example: opskit gate p0    (then: opskit launch p1 runs the survivors)
     """
     from pathlib import Path
@@ -96,13 +100,14 @@ def _print_gate(decision: dict) -> None:
 
 
 @app.command()
-def publish(message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit subject (the run list is added below it)."),
+def publish(message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit subject (the run list is added below it).", metavar="TEXT"),
             no_push: bool = typer.Option(False, "--no-push", help="Commit only; do not push."),
-            max_mb: float = typer.Option(5.0, "--max-mb", help="Refuse any file larger than this (MB)."),
-            results_dir: str = typer.Option("results", "--results-dir", help="The folder to publish."),
+            max_mb: float = typer.Option(5.0, "--max-mb", help="Refuse any file larger than this (MB).", metavar="MB"),
+            results_dir: str = typer.Option("results", "--results-dir", help="The folder to publish.", metavar="DIR"),
             as_json: bool = JSON):
     """Commit results/ (raw artifacts, tables, figures) and push it; refuses weights, big files and secrets.
 
+    \b
     Example: opskit publish --message "p0 pilot results" --no-push
     """
     from pathlib import Path
@@ -113,13 +118,14 @@ def publish(message: Optional[str] = typer.Option(None, "--message", "-m", help=
 
 
 @app.command("import")
-def import_results(file: str = typer.Argument(..., help="An earlier study's results JSON."),
-                   phase: str = typer.Option(..., "--phase", "-p", help="Phase name the imported runs get."),
-                   matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix the study used (preset, training length)."),
-                   results_dir: str = typer.Option("results", "--results-dir", help="Folder holding raw/."),
+def import_results(file: str = typer.Argument(..., help="An earlier study's results JSON.", metavar="FILE"),
+                   phase: str = typer.Option(..., "--phase", "-p", help="Phase name the imported runs get.", metavar="PHASE"),
+                   matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix the study used (preset, training length).", metavar="MATRIX"),
+                   results_dir: str = typer.Option("results", "--results-dir", help="Folder holding raw/.", metavar="DIR"),
                    as_json: bool = JSON):
     """Bring an earlier study's results file into results/raw/ as runs, so old and new sit in one report.
 
+    \b
     Example: opskit import old/final_350m.json --phase final350m --matrix 350m
     """
     from pathlib import Path

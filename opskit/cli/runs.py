@@ -15,12 +15,12 @@ from opskit.errors import OpsError
 
 @app.command()
 def launch(
-    phase: str = typer.Argument(..., help="Phase from the catalog, e.g. demo, p0, p1."),
+    phase: str = typer.Argument(..., help="Phase from the catalog, e.g. demo, p0, p1.", metavar="PHASE"),
     config: Optional[List[str]] = typer.Option(None, "--config", "-c", metavar="CONFIG",
                                                help="Only these configs (repeatable)."),
     seed: Optional[List[int]] = typer.Option(None, "--seed", "-s", metavar="SEED", help="Only these seeds (repeatable)."),
-    target: str = typer.Option("local", "--target", "-t", help="Target name (opskit targets list)."),
-    matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file."),
+    target: str = typer.Option("local", "--target", "-t", help="Target name (opskit targets list).", metavar="TARGET"),
+    matrix: Optional[str] = typer.Option(None, "--matrix", "-m", help="Matrix name or YAML file.", metavar="MATRIX"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what each run needs and the command; start nothing."),
     rerun: bool = typer.Option(False, "--rerun", help="Start done/failed runs again from scratch."),
     force: bool = typer.Option(False, "--force", help="Launch runs the target cannot run well (no GPUs for a large "
@@ -89,12 +89,13 @@ def needs_line(n: dict) -> str:
 
 @app.command()
 def logs(
-    run: str = typer.Argument(..., help="Run name <phase>/<config>/s<seed>."),
+    run: str = typer.Argument(..., help="Run name <phase>/<config>/s<seed>.", metavar="RUN"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the log grows."),
-    lines: int = typer.Option(50, "--lines", "-n", help="How many last lines to show first."),
+    lines: int = typer.Option(50, "--lines", "-n", min=0, help="How many last lines to show first.", metavar="N"),
 ):
     """Show a run's log (run.log on its target).
 
+    \b
     Example: opskit logs demo/hybrid_a0.2_t100k/s42 --follow
     """
     from opskit import operations
@@ -114,11 +115,12 @@ CANCEL_OUTCOMES = {"removed-from-queue": "removed from the queue", "killed": "ki
 
 
 @app.command()
-def cancel(runs: List[str] = typer.Argument(..., help="Run names."),
+def cancel(runs: List[str] = typer.Argument(..., help="Run names.", metavar="RUN..."),
            now: bool = typer.Option(False, "--now", help="SIGKILL at once, no checkpoint (a hung run)."),
            as_json: bool = JSON):
     """Stop runs: the trainer saves a checkpoint and exits (resume continues it).
 
+    \b
     Example: opskit cancel demo/geo_500k/s42
     Example: opskit cancel demo/geo_500k/s42 --now    # hung: kill it; resume starts from the last checkpoint
     """
@@ -134,11 +136,12 @@ def _print_cancelled(rows: list[dict]) -> None:
 
 
 @app.command()
-def resume(run: str = typer.Argument(..., help="Run name."),
-           target: Optional[str] = typer.Option(None, "--target", "-t", help="Resume on this target."),
+def resume(run: str = typer.Argument(..., help="Run name.", metavar="RUN"),
+           target: Optional[str] = typer.Option(None, "--target", "-t", help="Resume on this target.", metavar="TARGET"),
            as_json: bool = JSON):
     """Restart a failed, lost, cancelled or stalled run from its last checkpoint, as a new attempt.
 
+    \b
     Example: opskit resume demo/geo_500k/s42
     """
     from opskit import operations
@@ -151,24 +154,36 @@ def resume(run: str = typer.Argument(..., help="Run name."),
 
 
 @app.command()
-def pull(runs: Optional[List[str]] = typer.Argument(None, help="Run names (default: every run)."),
-         results_dir: str = typer.Option("results", "--results-dir", help="Where raw/ goes."),
+def pull(runs: Optional[List[str]] = typer.Argument(None, help="Run names (default: every run).", metavar="RUN..."),
+         results_dir: str = typer.Option("results", "--results-dir", help="Where raw/ goes.", metavar="DIR"),
          as_json: bool = JSON):
     """Bring back non-weight artifacts (results, loss curve, eval, logs) into results/raw/.
 
+    \b
     Example: opskit pull demo/geo_500k/s42
     """
     from opskit import operations
     with open_store() as store:
         result = operations.pull(store, runs, results_dir, on_event=for_humans(as_json))
-    emit(result, as_json, lambda rows: [typer.echo(f"{r['run']}: not pulled ({r['error']})", err=True)
-                                        for r in rows if r.get("error")])
+    emit(result, as_json, _print_pulled)
+
+
+def _print_pulled(rows: list[dict]) -> None:
+    """What came (each run's line was printed as it came), what failed, and say so when nothing did."""
+    for r in rows:
+        if r.get("error"):
+            typer.echo(f"{r['run']}: not pulled ({r['error']})", err=True)
+    new = sum(r.get("pulled", 0) + len(r.get("removed") or []) for r in rows)
+    if not new and not any(r.get("error") for r in rows):
+        typer.echo(f"nothing new to pull: {len(rows)} run{'s' if len(rows) != 1 else ''} up to date" if rows
+                   else "no runs to pull yet: try `opskit launch demo`")
 
 
 @runs_app.command("show")
-def runs_show(run: str = typer.Argument(...), as_json: bool = JSON):
+def runs_show(run: str = typer.Argument(..., metavar="RUN"), as_json: bool = JSON):
     """A run's record, its state history and pulled artifacts.
 
+    \b
     Example: opskit runs show demo/geo_500k/s42
     """
     from opskit import operations
@@ -203,6 +218,7 @@ def queue(
 ):
     """Each target's queue: what runs on which GPUs, and what waits, in order (SLURM: its own queue).
 
+    \b
     Example: opskit queue box1
     Example: opskit queue move p1/geo_500k/s42 --top
     """
@@ -219,12 +235,14 @@ def queue(
     with open_store() as store:
         result = operations.queue_view(store, words[0] if words else None)
     emit(result, as_json, _print_queues)
+    if any(q.get("error") for q in result):  # a target that did not answer is a failure, not an empty queue
+        raise typer.Exit(1)
 
 
 def _print_queues(queues: list[dict]) -> None:
     for q in queues:
         if q.get("error"):
-            typer.echo(f"{q['target']}: unreachable ({q['error']})")
+            typer.echo(f"error: {q['error']}", err=True)
             continue
         sup = q.get("supervisor") or {}
         gpus = (q.get("config") or {}).get("gpus")
@@ -240,12 +258,13 @@ def _print_queues(queues: list[dict]) -> None:
 
 
 @app.command("export")
-def export(run: str = typer.Argument(..., help="Run name, e.g. p1/geo_500k/s42."),
-           hf: str = typer.Option(..., "--hf", help="Directory to write the Hugging Face checkpoint into."),
-           step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the newest)."),
-           dtype: str = typer.Option("fp32", "--dtype", help="Weights on disk: fp32 or bf16.")):
+def export(run: str = typer.Argument(..., help="Run name, e.g. p1/geo_500k/s42.", metavar="RUN"),
+           hf: str = typer.Option(..., "--hf", help="Directory to write the Hugging Face checkpoint into.", metavar="DIR"),
+           step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the newest).", metavar="STEP"),
+           dtype: str = typer.Option("fp32", "--dtype", help="Weights on disk: fp32 or bf16.", metavar="fp32|bf16")):
     """Write a trained run as a Hugging Face Llama checkpoint + tokenizer (runs where its checkpoint is).
 
+    \b
     Example: opskit export p1/geo_500k/s42 --hf exports/geo_500k_s42
     """
     from opskit import operations

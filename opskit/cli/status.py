@@ -27,7 +27,7 @@ def status(
     all_runs: bool = typer.Option(False, "--all", "-a", help="Every selected run, not only the unfinished ones "
                                                            "and the latest ended ones."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Redraw a live table until interrupted."),
-    interval: float = typer.Option(2.0, "--interval", metavar="SECONDS", help="Seconds between redraws with --watch."),
+    interval: float = typer.Option(2.0, "--interval", min=0.5, metavar="SECONDS", help="Seconds between redraws with --watch."),
     as_json: bool = typer.Option(False, "--json", help="Every selected run as a JSON list on stdout (not capped "
                                                        "like the table)."),
 ):

@@ -6,41 +6,41 @@ from typing import List, Optional
 import typer
 
 from opskit.cli.app import open_store, targets_app
-from opskit.cli.output import JSON, emit, key_values, progress
+from opskit.cli.output import JSON, emit, key_values, print_json, progress
 from opskit.errors import OpsError
 
 
 @targets_app.command("add")
 def targets_add(
-    name: str = typer.Argument(..., help="A short name, e.g. box1."),
-    ssh: Optional[str] = typer.Option(None, "--ssh", help="USER@HOST[:PORT] of an SSH box."),
+    name: str = typer.Argument(..., help="A short name, e.g. box1.", metavar="NAME"),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="USER@HOST[:PORT] of an SSH box.", metavar="USER@HOST[:PORT]"),
     slurm: bool = typer.Option(False, "--slurm", help="A SLURM cluster (submission here or via --login)."),
     local: bool = typer.Option(False, "--local", help="This machine, e.g. a GPU workstation (its own --workdir, "
                                                       "--gpus; default: detected). `local` itself may be set so."),
-    key: Optional[str] = typer.Option(None, "--key", help="SSH private key path (never copied or stored)."),
-    workdir: Optional[str] = typer.Option(None, "--workdir", help="Work directory on the target."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs on the box (0: CPU)."),
-    gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="GPUs one run takes (default all)."),
+    key: Optional[str] = typer.Option(None, "--key", help="SSH private key path (never copied or stored).", metavar="PATH"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Work directory on the target.", metavar="DIR"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs on the box (0: CPU).", metavar="N"),
+    gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="GPUs one run takes (default all).", metavar="N"),
     max_parallel: Optional[int] = typer.Option(None, "--max-parallel", help="At most this many runs at once "
-                                                                            "(a CPU box: default 1)."),
-    python: Optional[str] = typer.Option(None, "--python", help="Trainer python on the target (default: the prepared venv)."),
-    partition: Optional[str] = typer.Option(None, "--partition"),
-    account: Optional[str] = typer.Option(None, "--account"),
-    qos: Optional[str] = typer.Option(None, "--qos"),
-    nodes: Optional[int] = typer.Option(None, "--nodes"),
-    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
-    time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit HH:MM:SS."),
-    login: Optional[str] = typer.Option(None, "--login", help="USER@HOST[:PORT] of a SLURM login node."),
-    known_hosts: Optional[str] = typer.Option(None, "--known-hosts", help="known_hosts file for this box."),
-    base_python: Optional[str] = typer.Option(None, "--base-python", help="python3 on the box that builds the venv."),
+                                                                            "(a CPU box: default 1).", metavar="N"),
+    python: Optional[str] = typer.Option(None, "--python", help="Trainer python on the target (default: the prepared venv).", metavar="PATH"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition.", metavar="NAME"),
+    account: Optional[str] = typer.Option(None, "--account", help="SLURM account.", metavar="NAME"),
+    qos: Optional[str] = typer.Option(None, "--qos", help="SLURM quality of service.", metavar="NAME"),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="SLURM nodes per run.", metavar="N"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per SLURM node (each run takes them all).", metavar="N"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="SLURM time limit HH:MM:SS.", metavar="HH:MM:SS"),
+    login: Optional[str] = typer.Option(None, "--login", help="USER@HOST[:PORT] of a SLURM login node.", metavar="USER@HOST[:PORT]"),
+    known_hosts: Optional[str] = typer.Option(None, "--known-hosts", help="known_hosts file for this box.", metavar="FILE"),
+    base_python: Optional[str] = typer.Option(None, "--base-python", help="python3 on the box that builds the venv.", metavar="PATH"),
     system_site_packages: bool = typer.Option(False, "--system-site-packages",
                                               help="Let the venv see the box's packages (a preinstalled torch)."),
     no_install: bool = typer.Option(False, "--no-install", help="prepare checks only; installs nothing."),
     torch_index: Optional[str] = typer.Option(None, "--torch-index",
                                               help="Where prepare gets torch: an index URL or a folder of wheels "
-                                                   "on the box (default: download.pytorch.org for its CUDA)."),
+                                                   "on the box (default: download.pytorch.org for its CUDA).", metavar="URL|DIR"),
     agent_python: Optional[str] = typer.Option(None, "--agent-python",
-                                               help="python3 on the box that runs opskit's agent (stdlib only)."),
+                                               help="python3 on the box that runs opskit's agent (stdlib only).", metavar="PATH"),
     stall_after: Optional[float] = typer.Option(None, "--stall-after", metavar="SECONDS",
                                                 help="A live run with no heartbeat (or no training progress) "
                                                      "for this long shows stalled (default 300)."),
@@ -102,6 +102,7 @@ def _config_line(rec: dict) -> str:
 def targets_list(as_json: bool = JSON):
     """Known targets.
 
+    \b
     Example: opskit targets list
     """
     from opskit import operations
@@ -111,9 +112,10 @@ def targets_list(as_json: bool = JSON):
 
 
 @targets_app.command("remove")
-def targets_remove(name: str = typer.Argument(...), as_json: bool = JSON):
+def targets_remove(name: str = typer.Argument(..., metavar="NAME"), as_json: bool = JSON):
     """Forget a target (its runs stay in the store).
 
+    \b
     Example: opskit targets remove box1
     """
     from opskit import operations
@@ -123,25 +125,30 @@ def targets_remove(name: str = typer.Argument(...), as_json: bool = JSON):
 
 
 @targets_app.command("check")
-def targets_check(name: str = typer.Argument("local"), as_json: bool = JSON):
+def targets_check(name: str = typer.Argument("local", metavar="NAME"), as_json: bool = JSON):
     """Is the target reachable, with python, GPUs and free disk?
 
+    \b
     Example: opskit targets check box1
     """
     from opskit import operations
     with open_store() as store:
         result = operations.check_target(store, name)
-    emit(result, as_json, key_values)
     if not result.get("reachable", True):
-        raise typer.Exit(1)
+        if as_json:
+            print_json(result)
+            raise typer.Exit(1)
+        raise OpsError(f"target {name}: {result['error']}")
+    emit(result, as_json, key_values)
 
 
 @targets_app.command("prepare")
-def targets_prepare(name: str = typer.Argument(...),
+def targets_prepare(name: str = typer.Argument(..., metavar="NAME"),
                     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout; "
                                                                           "progress lines go to stderr.")):
     """Provision a target (venv, trainer dependencies, checks); safe to repeat.
 
+    \b
     Example: opskit targets prepare box1
     """
     from opskit import operations

@@ -118,6 +118,9 @@ def queue_view(store: Store, target: str | None = None) -> list[dict]:
 def queue_move_top(store: Store, run: str) -> dict:
     """Put a queued run first in its target's queue."""
     row = store.require_run(run)
+    if row["state"] != states.QUEUED:
+        raise OpsError(f"{run} is {row['state']}, not waiting in a queue: only a queued run can move "
+                       f"(`opskit queue {row['target']}` shows what waits)")
     answer = get_target(store, row["target"]).queue_move_top(run)
     store.update_run(run, queue_pos=answer["position"])
     return answer

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from opskit import states
 from opskit.errors import OpsError
 from opskit.operations.targets import get_target
 from opskit.store import Store
@@ -13,6 +14,11 @@ from opskit.store import Store
 
 def export_run(store: Store, run: str, out_dir: str, step: int | None = None, dtype: str = "fp32") -> dict:
     row = store.require_run(run)
+    if row["state"] not in states.ENDED and step is None:  # its newest checkpoint is not what it will end as
+        ckpt = row.get("checkpoint_step")
+        have = (f"its newest checkpoint is step {ckpt}; pass --step {ckpt} to export that one now"
+                if ckpt is not None else "it has no checkpoint yet")
+        raise OpsError(f"{run} is still {row['state']}: export it once it is done ({have})")
     tgt = get_target(store, row["target"])
     if not tgt.in_place:
         raise OpsError(f"{run} lives on {tgt.kind} target {row['target']}; export it there: "

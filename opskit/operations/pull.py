@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
+from opskit import states
 from opskit.errors import OpsError, TargetUnreachable
 from opskit.operations.launch import Notify, quiet
 from opskit.operations.targets import get_target
@@ -26,6 +26,9 @@ def pull(store: Store, runs: list[str] | None = None, results_dir: str = "result
     out = []
     for r in rows:
         try:
+            if not runs and _pulled_since_it_ended(r, results_dir):  # its files cannot have changed
+                out.append({"run": r["name"], "pulled": 0, "up_to_date": True})
+                continue
             out.append(_pull_one(store, r, results_dir, on_event))
         except (TargetUnreachable, OpsError, OSError) as e:  # one run's failure must not stop the others
             out.append({"run": r["name"], "pulled": 0, "error": str(e)})
@@ -57,11 +60,14 @@ def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict
         elif (dest / f["path"]).exists():  # same attempt, gone from the box (cleaned up): ours to keep
             kept.append(f)
     store.forget_artifacts(r["name"], gone)
-    C.atomic_write_json(dest / MANIFEST, {"run": r["name"], "target": r["target"], "attempt": r["attempt"],
-                                          "state": r["state"], "pulled_at": time.time(), "files": recorded + kept})
+    manifest = {"run": r["name"], "target": r["target"], "attempt": r["attempt"], "state": r["state"],
+                "files": recorded + kept}
+    if manifest != _without_time(_read_manifest(dest)):  # unchanged: results/ shows no diff
+        C.atomic_write_json(dest / MANIFEST, {**manifest, "pulled_at": time.time()})
     marked = _mark_pulled(tgt, r, as_of)
     removed = f", {len(gone)} of an earlier attempt removed" if gone else ""
-    on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
+    if wanted or gone:
+        on_event(f"pulled {r['name']}: {len(wanted)} new of {len(files)} files{removed} -> {dest}")
     warnings = [f"{r['name']}: {w}; do not publish it as is" for w in credential_warnings(dest, [f["path"] for f in wanted])]
     for w in warnings:
         on_event(f"warning: {w}")
@@ -80,12 +86,33 @@ def _mark_pulled(tgt, r: dict, as_of: float | None) -> bool:
         return False
 
 
+def _read_manifest(dest: Path) -> dict | None:
+    """The last pull's manifest.json in `dest`, or None (none, or not one opskit wrote)."""
+    try:
+        manifest = C.read_json(dest / MANIFEST)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _without_time(manifest: dict | None) -> dict | None:
+    return None if manifest is None else {k: v for k, v in manifest.items() if k != "pulled_at"}
+
+
+def _pulled_since_it_ended(r: dict, results_dir: str) -> bool:
+    """The run ended and its manifest is of that ended attempt: nothing more can come from its target."""
+    if r["state"] not in states.ENDED or r["stale"]:
+        return False
+    manifest = _read_manifest(run_path(Path(results_dir) / RAW_DIR, r["phase"], r["config"], r["seed"])) or {}
+    return manifest.get("attempt") == r["attempt"] and manifest.get("state") == r["state"]
+
+
 def _previously_pulled(dest: Path) -> tuple[int | None, list[dict]]:
     """Attempt and files of the last pull into `dest` (its manifest.json), files confined to `dest`."""
+    manifest = _read_manifest(dest)
     try:
-        manifest = json.loads((dest / MANIFEST).read_text())
         files, attempt = list(manifest["files"]), manifest.get("attempt")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None, []
     root = dest.resolve()
     return attempt, [f for f in files if (dest / f["path"]).resolve().is_relative_to(root)]

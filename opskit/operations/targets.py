@@ -109,6 +109,9 @@ def check_notify_url(url: str) -> str:
 
 
 def remove_target(store: Store, name: str) -> dict:
+    if name == "local":  # it would come back on the next command, so removing it says nothing true
+        raise OpsError("'local' is the built-in target (this machine) and cannot be removed; "
+                       "only targets added with `opskit targets add` can")
     store.remove_target(name)
     return {"removed": name}
 

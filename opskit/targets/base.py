@@ -101,6 +101,9 @@ class Target:
         if res.exit_code == 0:
             return res.stdout
         detail = (res.stdout + res.stderr).strip()
+        said = _agent_error(detail)
+        if said:  # the agent's own one-line refusal (an input mistake, a run not in the queue)
+            raise OpsError(f"target {self.name}: {said}")
         if "remote/agent.py" in detail and "No such file" in detail:
             raise OpsError(f"target {self.name}: opskit's code is not on the box yet; "
                            f"run `opskit targets prepare {self.name}`")
@@ -327,3 +330,12 @@ class Target:
 
     def queue_move_top(self, run: str) -> dict:
         return self.agent_json(["queue-move", "--workdir", self.workdir, "--run", run, "--top"])
+
+
+def _agent_error(detail: str) -> str | None:
+    """The message of the agent's `{"error": ...}` answer (its last line), if that is what it said."""
+    try:
+        answer = json.loads(detail.splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return answer.get("error") if isinstance(answer, dict) and isinstance(answer.get("error"), str) else None
