@@ -1,4 +1,5 @@
-"""The GPU benchmarks' code paths, run on the CPU with the tiny preset so they cannot rot unseen.
+"""Every benchmark in benchmarks/, run in a smoke mode so none can rot unseen: the GPU ones on the CPU
+with the tiny preset, the status ones on small stores and two SSH boxes, the tokenizer on 0.3 MB.
 
 The figures they print on a CPU mean nothing; what is checked is that every variant trains the same
 model on the same tokens (equal losses), and that each script finishes and reports what it measures.
@@ -80,3 +81,41 @@ def test_bench_passkey_fills_its_grid(tmp_path):
     assert [r["length"] for r in rows] == [256]
     assert rows[0]["skipped"] == {} and rows[0]["ll_acc"] is not None
     assert json.loads(out.read_text()) == rows
+
+
+def run_script(script: str, *args: str, tmp_path: Path, timeout: float = 600) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_bench_status_store_measures_real_cli_processes(tmp_path):
+    out = run_script("bench_status_store.py", "--sizes", "300", "--live", "2", "--repeat", "1", tmp_path=tmp_path)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"runs"')]
+    assert [r["runs"] for r in rows] == [102, 302]
+    assert all(r["default_cpu_s"] > 0 and r["json_cpu_s"] > 0 for r in rows)
+    assert rows[0]["default_vs_100"] == 1.0 and rows[1]["default_vs_100"] > 0
+    assert "opskit --help:" in out and "goal status of 100 runs < 0.3 CPU-s:" in out
+
+
+@pytest.mark.slow
+def test_bench_status_ssh_reports_warm_cross_process_status(tmp_path):
+    out = run_script("bench_status_ssh.py", "--targets", "2", "--runs", "2", "--repeat", "1", tmp_path=tmp_path)
+    figures = json.loads(out[:out.index("\n}") + 2])
+    assert figures["targets"] == 2 and figures["refresh_all_warm_s"] > 0
+    assert figures["cli_status_all_cold_s"] > 0 and figures["cli_status_all_warm_s"] > 0
+    assert "`opskit status` as a new process over 2 targets" in out
+
+
+def test_bench_tokenize_builds_the_same_tokens(tmp_path):
+    out = run_script("bench_tokenize.py", "--mb", "0.3", "--rounds", "1", "--dir", str(tmp_path / "work"),
+                     tmp_path=tmp_path)
+    assert "identical tokens: True" in out and "speed-up:" in out
+
+
+def test_every_benchmark_has_a_smoke_run_here():
+    here = Path(__file__).read_text()
+    missing = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py")) if f'"{p.name}"' not in here]
+    assert not missing, f"benchmarks without a smoke run in tests/test_benchmarks.py: {missing}"

@@ -84,7 +84,7 @@ def open_store_if_exists():
 
 def main() -> None:
     try:
-        code = app(standalone_mode=False)  # usage errors come here, to be printed on one line
+        code = app(standalone_mode=False, prog_name="opskit")  # usage errors come here, for one line
     except OpsError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

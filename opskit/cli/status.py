@@ -83,7 +83,7 @@ def status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
                       f"{r['gpu_util']:.0f}%" if r.get("gpu_util") is not None and r["state"] in S.ACTIVE else "-",
                       fmt_duration(r["eta_s"]) if r["state"] not in S.ENDED else "-",
                       cache, fmt_age(r["heartbeat_at"]), short_reason(r))
-    caption = [f"target {t} unreachable: {err}" for t, err in health.items() if err]
+    caption = [err if err.startswith(f"target {t}") else f"target {t}: {err}" for t, err in health.items() if err]
     if not rows:
         caption.append("no runs yet: try `opskit launch demo`")
     table.caption = "\n".join(caption) or None
@@ -159,4 +159,5 @@ def _watch(store, sel, runs: list[str] | None, until_ended: bool, interval: floa
             hint = "opskit status --watch" + (f" --phase {names[0].split('/')[0]}" if names else "")
             out.print(f"stopped watching; the runs go on. Watch again: {hint} · one run's log: "
                       f"opskit logs {names[0] if names else 'RUN'} --follow", markup=False, highlight=False)
+            raise typer.Exit(130)
         return

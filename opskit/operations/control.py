@@ -109,7 +109,8 @@ def queue_view(store: Store, target: str | None = None) -> list[dict]:
         try:
             state = tgt.queue_state(ensure=True)
         except (TargetUnreachable, OpsError, OSError) as e:
-            out.append({"target": name, "kind": tgt.kind, "error": str(e)})
+            error = str(e) if str(e).startswith(f"target {name}") else f"target {name}: {e}"
+            out.append({"target": name, "kind": tgt.kind, "error": error})
             continue
         out.append({"target": name, "kind": tgt.kind, **state})
     return out

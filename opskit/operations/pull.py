@@ -22,7 +22,8 @@ def pull(store: Store, runs: list[str] | None = None, results_dir: str = "result
     """Fetch every (or each named) run's pullable files. A file an earlier attempt's pull brought that
     the run no longer has (a rerun started afresh) is removed, so no report reads an earlier attempt's
     results; one the box lost within the same attempt (cleaned up after a pull) is kept."""
-    rows = [store.require_run(r) for r in runs] if runs else store.list_runs()
+    rows = ([store.require_run(r) for r in runs] if runs else
+            store.select_runs(columns=("name", "phase", "config", "seed", "target", "attempt", "state", "stale")))
     out = []
     for r in rows:
         try:

@@ -59,6 +59,10 @@ def _connect(addr: Address) -> Connection:
     except (paramiko.SSHException, OSError, EOFError) as e:
         if sock is not None:
             sock.close()
+        transport = conn.client.get_transport()
+        if transport is None or not transport.remote_version:  # the port never spoke SSH
+            raise TargetUnreachable(f"{addr} unreachable: Connection timed out during banner exchange "
+                                    f"(no SSH banner within {CONNECT_TIMEOUT_S:g}s)") from None
         raise TargetUnreachable(f"{addr} unreachable: {_one_line(e)}") from None
     conn.transport.set_keepalive(15)
     return conn
