@@ -73,10 +73,11 @@ def test_ctrl_c_in_launch_wait_leaves_the_runs_going_and_says_how_to_watch(tmp_p
     run = "e2e/geo_500k/s42"
     launch = subprocess.Popen(["opskit", "launch", "e2e", "--matrix", matrix, "--config", "geo_500k", "--wait"],
                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while run not in statuses(env, tmp_path) and time.time() < deadline:
+    deadline = time.time() + 120  # Ctrl-C once the run is on its target and the live view is up
+    while statuses(env, tmp_path).get(run, {}).get("state") not in ("starting", "tokenizing", "training") \
+            and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(2)
+    time.sleep(1)
     launch.send_signal(signal.SIGINT)
     out, err = launch.communicate(timeout=60)
     assert launch.returncode == 130 and "Traceback" not in err, err
