@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from opskit.cli.app import app, open_store
-from opskit.cli.output import JSON, console, fmt_age, fmt_duration, fmt_num, print_json_rows
+from opskit.cli.output import console, fmt_age, fmt_duration, fmt_num, print_json_rows
 
 REASON_WIDTH = 60
 SHOW_REASON = ("failed", "lost", "stalled", "cancelled")

@@ -72,12 +72,13 @@ def problems(tgt: Target, spec: dict, need: dict) -> list[str]:
     if not need["gpus"] and spec.get("dtype") == "bf16":
         out.append(f"dtype bf16 on a CPU is emulated and ~100x slower (target {tgt.name} has no GPUs; "
                    f"use dtype auto or fp32)")
-    if need["kind"] == "train" and not need["gpus"] and tgt.in_place:
+    here = tgt.kind == "local"  # this machine's memory and network say nothing of a box or a cluster's nodes
+    if need["kind"] == "train" and not need["gpus"] and here:
         available = _available_memory_bytes()
         if available and need["memory_gb"] * 1e9 > available:
             out.append(f"it needs ~{need['memory_gb']:.0f} GB of memory and this machine has "
                        f"{available / 1e9:.0f} GB available")
-    if tgt.in_place:  # a box downloads for itself; here we can tell whether this machine can
+    if here:  # a box downloads for itself; here we can tell whether this machine can
         missing = _uncached_hub_files(spec)
         if missing and not _hub_reachable():
             out.append(f"it needs {', '.join(missing)} from the Hugging Face hub (not cached here) and the hub "
