@@ -37,6 +37,11 @@ CONFIGS = [f"{f}_{t}" for f in ("geo", "hybrid_a0.2", "anchpoly_p3.9_omf0.3", "y
 ENDED = (("done", 0.8), ("failed", 0.1), ("cancelled", 0.06), ("lost", 0.04))
 REASONS = {"done": "exit code 0", "failed": "exit code 1: CUDA out of memory (tried to allocate 2.00 GiB)",
            "cancelled": "stopped by signal after checkpoint at step 1200", "lost": "process gone without an exit code"}
+RUN_COLUMNS = ("name", "matrix", "phase", "config", "seed", "target", "attempt", "state", "stale", "cancel_requested",
+               "created_at", "started_at", "ended_at", "updated_at", "step", "total_steps", "tokens", "loss",
+               "tokens_per_s", "eta_s", "cache_bytes", "cache_tokens", "cache_target_tokens", "heartbeat_at",
+               "checkpoint_step", "message", "pid", "job_id", "exit_code", "run_dir", "spec", "after", "queue_pos",
+               "gpus", "reason")
 ARTIFACTS = ("results.json", "loss_curve.jsonl", "eval_per_length.json", "run.log", "status.json", "spec.json")
 
 
@@ -80,8 +85,8 @@ def fill(path: Path, n_ended: int, n_live: int, workdir: str, seed: int = 0) -> 
                        (name, ended, 1, "training", state, REASONS[state])]
             artifacts += [(name, a, 1000 + j, f"{i:032x}{j:032x}", ended + 60) for j, a in enumerate(ARTIFACTS)]
     with Store(path) as store, store.transaction():
-        marks = ",".join("?" * len(runs[0]))
-        store.conn.executemany(f"INSERT INTO runs VALUES ({marks})", runs)
+        store.conn.executemany(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({','.join('?' * len(RUN_COLUMNS))})",
+                               runs)
         store.conn.executemany("INSERT INTO events (run, time, attempt, from_state, to_state, reason) "
                                "VALUES (?, ?, ?, ?, ?, ?)", events)
         if artifacts:

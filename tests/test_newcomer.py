@@ -201,7 +201,10 @@ def test_input_mistakes_are_one_line(cli):
     line = one_line_error(cli("queue", "move", "e2e/geo_500k/s1", "--top"), "target local",
                           "not waiting in this target's queue")
     assert "{" not in line  # the agent's words, not its JSON
-    one_line_error(cli("targets", "remove", "local"), "built-in", "cannot be removed")
+    assert cli("targets", "add", "local", "--local", "--gpus", "0", "--max-parallel", "2").returncode == 0
+    reset = cli("targets", "remove", "local")
+    assert reset.returncode == 0 and "cannot be removed: reset it to its defaults" in reset.stdout, reset.stdout
+    assert "removed target" not in reset.stdout and "max_parallel" not in reset.stdout
     assert "local" in cli("targets", "list").stdout
     assert cli("targets", "add", "b1", "--ssh", "u@203.0.113.9").returncode == 0
     one_line_error(cli("targets", "add", "b1", "--ssh", "u@203.0.113.9"), "exists", "--replace")

@@ -108,7 +108,7 @@ def test_a_store_of_schema_1_is_migrated_with_each_runs_reason(tmp_path):
                      [("a/b/s1", 1.0, None, "queued", "new"), ("a/b/s1", 2.0, "queued", "failed", "exit code 3")])
     conn.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         assert store.get_run("a/b/s1")["reason"] == "exit code 3"
         plan = " ".join(r[3] for r in store.conn.execute(
             "EXPLAIN QUERY PLAN SELECT phase, state, COUNT(*) FROM runs GROUP BY phase, state"))

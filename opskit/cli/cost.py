@@ -10,8 +10,8 @@ from opskit.cli.output import JSON, console, emit, fmt_duration, fmt_money, tabl
 
 
 @app.command()
-def cost(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase's runs."),
-         target: Optional[str] = typer.Option(None, "--target", "-t", help="Only this target."),
+def cost(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only this phase's runs.", metavar="PHASE"),
+         target: Optional[str] = typer.Option(None, "--target", "-t", help="Only this target.", metavar="TARGET"),
          as_json: bool = JSON):
     """What each run, config, phase and target cost: busy time from the boxes' own ledgers x the price.
 

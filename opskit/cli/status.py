@@ -84,6 +84,7 @@ def status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
                       fmt_duration(r["eta_s"]) if r["state"] not in S.ENDED else "-",
                       cache, fmt_age(r["heartbeat_at"]), short_reason(r))
     caption = [err if err.startswith(f"target {t}") else f"target {t}: {err}" for t, err in health.items() if err]
+    caption += [box_line(b) for b in boxes]
     if not rows:
         caption.append("no runs yet: try `opskit launch demo`")
     table.caption = "\n".join(caption) or None

@@ -121,7 +121,9 @@ def targets_remove(name: str = typer.Argument(..., metavar="NAME"), as_json: boo
     from opskit import operations
     with open_store() as store:
         result = operations.remove_target(store, name)
-    emit(result, as_json, lambda r: typer.echo(f"removed target {r['removed']}"))
+    emit(result, as_json, lambda r: typer.echo(
+        f"removed target {r['removed']}" if "removed" in r else
+        "target local is built in (this machine) and cannot be removed: reset it to its defaults, " + _config_line(r)))
 
 
 @targets_app.command("check")

@@ -16,7 +16,6 @@ import importlib
 
 _MODULES = {
     "control": ("cancel", "logs", "queue_move_top", "queue_view", "resume", "run_details"),
-    "cost": ("box_views", "cost", "run_costs"),
     "export": ("export_run",),
     "launch": ("launch", "submit_one"),
     "pull": ("pull",),
@@ -25,7 +24,11 @@ _MODULES = {
                 "prepare_target", "remove_target"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__ = sorted([*_WHERE, "box_views", "cost", "run_costs"])
+
+# `cost` is also its module's name: a lazy `cost` would be replaced by the module the first time
+# anything imports opskit.operations.cost, so these are bound now (status needs them anyway).
+from opskit.operations.cost import box_views, cost, run_costs  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -109,9 +109,10 @@ def check_notify_url(url: str) -> str:
 
 
 def remove_target(store: Store, name: str) -> dict:
-    if name == "local":  # it would come back on the next command, so removing it says nothing true
-        raise OpsError("'local' is the built-in target (this machine) and cannot be removed; "
-                       "only targets added with `opskit targets add` can")
+    if name == "local":  # built in: it comes back at once, so removing it resets it
+        if store.get_target("local") is not None:
+            store.remove_target("local")
+        return {"reset": "local", "config": local_target_record(store)["config"]}
     store.remove_target(name)
     return {"removed": name}
 
