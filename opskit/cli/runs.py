@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from opskit.cli.app import app, open_store, runs_app
+from opskit.cli.app import app, open_store, runs_app, store_exists
 from opskit.cli.output import JSON, console, emit, fmt_age, fmt_duration, fmt_money, fmt_num, for_humans
-from opskit.errors import OpsError
+from opskit.errors import Incomplete, OpsError
 
 
 @app.command()
@@ -25,6 +25,8 @@ def launch(
     after: Optional[List[str]] = typer.Option(None, "--after", help="Start only once this run is done (repeatable)."),
     tracker: Optional[List[str]] = typer.Option(None, "--tracker", metavar="tensorboard|wandb|mlflow:URI",
                                                 help="Also log to this tracker (repeatable; docs/trackers.md)."),
+    force: bool = typer.Option(False, "--force", help="Launch even when the runs' estimated checkpoints and "
+                                                      "token cache do not fit on the target's free disk."),
     as_json: bool = JSON,
 ):
     """Expand a phase into runs and queue them on a target (each starts detached as GPUs free up).
@@ -33,15 +35,18 @@ def launch(
     """
     from opskit import operations
     out = console()
-    with open_store() as store:
+    with open_store(create=True) as store:
         result = operations.launch(store, phase, config, seed, target, matrix, rerun, dry_run,
                                    on_event=lambda m: out.print(f"[dim]{m}[/dim]") if not as_json else None,
-                                   after=after, trackers=tracker)
+                                   after=after, trackers=tracker, force=force)
     emit(result, as_json, lambda rows: _print_launch(out, rows, dry_run))
-    if wait and not dry_run:
-        started = [r["run"] for r in result if r.get("started") or r.get("queued")]
-        if started:
-            _watch(phase=None, runs=started, until_ended=True)
+    started = [r["run"] for r in result if r.get("started") or r.get("queued")]
+    if wait and not dry_run and started:
+        _watch(phase=None, runs=started, until_ended=True)
+    refused = [r["run"] for r in result if not (r.get("started") or r.get("queued"))]
+    if refused and not dry_run:
+        raise Incomplete(f"{len(refused)} of {len(result)} runs not launched (see above)" if started
+                         else f"nothing launched: {len(refused)} run(s) refused (see above)")
 
 
 def _print_launch(out, rows: list[dict], dry_run: bool) -> None:
@@ -72,16 +77,31 @@ def status(
     Example: opskit status --phase demo --watch
     """
     from opskit import operations
+    if not store_exists():  # a fresh project: nothing to show, and nothing is created by looking
+        hint = "no run store here or in a folder above (no state.db): `opskit launch demo` creates ./state.db"
+        emit([], as_json, lambda _: typer.echo(hint))
+        if as_json:
+            typer.echo(hint, err=True)
+        return
     if watch:
         return _watch(phase, None, until_ended=False, interval=interval)
     with open_store() as store:
-        health = operations.refresh(store, phase=phase)
+        notes: dict[str, list[str]] = {}
+        health = operations.refresh(store, phase=phase, notes=notes)
         rows = operations.status_rows(store, phase)
         boxes = [] if as_json else operations.box_views(store)
-    emit(rows, as_json, lambda rows: console().print(_status_table(rows, health, boxes)))
+    emit(rows, as_json, lambda rows: console().print(_status_table(rows, health, boxes, notes)))
+    if as_json:  # the table's caption lines, where a script's stdout stays JSON
+        for line in _caption_notes(health, notes):
+            typer.echo(line, err=True)
 
 
-def _status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
+def _caption_notes(health: dict, notes: dict | None) -> list[str]:
+    return ([f"target {t} unreachable: {err}" for t, err in health.items() if err]
+            + [f"target {t}: {note}" for t, lines in (notes or {}).items() for note in lines])
+
+
+def _status_table(rows: list[dict], health: dict, boxes: list[dict] = (), notes: dict | None = None):
     from rich.table import Table
 
     from opskit import states as S
@@ -103,7 +123,7 @@ def _status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
                       f"{r['gpu_util']:.0f}%" if r.get("gpu_util") is not None and r["state"] in S.ACTIVE else "-",
                       fmt_duration(r["eta_s"]) if r["state"] not in S.ENDED else "-",
                       cache, fmt_age(r["heartbeat_at"]))
-    caption = [f"target {t} unreachable: {err}" for t, err in health.items() if err]
+    caption = _caption_notes(health, notes)
     caption += [box_line(b) for b in boxes]
     if not rows:
         caption.append("no runs yet: try `opskit launch demo`")
@@ -142,9 +162,10 @@ def _watch(phase, runs, until_ended: bool, interval: float = 2.0) -> None:
     with open_store() as store, Live(refresh_per_second=4, console=console()) as live:
         try:
             while True:
-                health = operations.refresh(store, phase=phase, runs=runs)
+                notes: dict[str, list[str]] = {}
+                health = operations.refresh(store, phase=phase, runs=runs, notes=notes)
                 rows = [r for r in operations.status_rows(store, phase) if not runs or r["run"] in runs]
-                live.update(_status_table(rows, health))
+                live.update(_status_table(rows, health, notes=notes))
                 if until_ended and all(r["state"] in states.ENDED for r in rows):
                     return
                 time.sleep(interval)
@@ -228,6 +249,10 @@ def pull(runs: Optional[List[str]] = typer.Argument(None, help="Run names (defau
         result = operations.pull(store, runs, results_dir, on_event=for_humans(as_json))
     emit(result, as_json, lambda rows: [typer.echo(f"{r['run']}: not pulled ({r['error']})", err=True)
                                         for r in rows if r.get("error")])
+    missed = [r["run"] for r in result if r.get("error")]
+    if missed:
+        raise Incomplete(f"{len(missed)} of {len(result)} runs not pulled: {', '.join(missed[:5])}"
+                         + (", ..." if len(missed) > 5 else ""))
 
 
 @runs_app.command("show")
@@ -297,11 +322,17 @@ def _print_queues(queues: list[dict]) -> None:
                    + (f", supervisor pid {sup['pid']})" if sup.get("alive") else ", supervisor idle)"))
         for r in q.get("running", []):
             where = f"GPUs {r['cuda_visible_devices']}" if r.get("cuda_visible_devices") else "CPU"
-            typer.echo(f"  running  {r['run']}  {where}  port {r.get('port')}  since {fmt_age(r.get('started_at'))}")
+            what = "running " if r.get("pid") else "starting"  # no pid yet: being started (or recovered)
+            typer.echo(f"  {what} {r['run']}  {where}  port {r.get('port') or '-'}  since {fmt_age(r.get('started_at'))}")
         for r in q.get("pending", []):  # `waiting` names the --after run it waits for, if any
             typer.echo(f"  #{r['position']:<6} {r['run']}  {r.get('units', '?')} GPU(s)  {r['waiting']}")
         if not q.get("running") and not q.get("pending"):
             typer.echo("  (empty)")
+        if q.get("config_error"):
+            typer.echo(f"  warning: {q['config_error']}")
+        for b in q.get("broken") or []:
+            typer.echo(f"  torn entry {b['file']} ({b['error']}; run {b.get('run') or 'unreadable'}): "
+                       f"moved to queue/{b['moved_to']}; launch its run again, then delete the file")
 
 
 @app.command("export")
