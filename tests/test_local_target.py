@@ -62,7 +62,9 @@ def test_launch_status_pull_and_refusals(cli):
                 "tokens_per_s", "eta_s", "updated_at", "heartbeat_at"):
         assert key in row
 
-    again = cli("launch", "e2e", "--matrix", MATRIX, "--config", "hybrid_a0.2_t100k", "--seed", "42", "--json")
+    again = cli("launch", "e2e", "--matrix", MATRIX, "--config", "hybrid_a0.2_t100k", "--seed", "42", "--json",
+                check=False)
+    assert again.returncode == 3  # a refusal: the run was not launched (EXIT_INCOMPLETE)
     assert "already done" in json.loads(again.stdout)[0]["reason"]
 
     cli("pull", "--results-dir", str(cli.tmp / "results"))
