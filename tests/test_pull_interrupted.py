@@ -58,7 +58,7 @@ def test_a_pull_cut_mid_transfer_leaves_folder_and_manifest_as_they_were(tmp_pat
     # The box has a newer result and a big log; the link drops while the log is on its way.
     (run_dir / C.RESULTS).write_text(json.dumps({"ppl": {"128": 9.0}}))
     with open(run_dir / C.LOG, "wb") as f:
-        for _ in range(32):
+        for _ in range(16):  # 128 MB: long enough on the wire to be cut halfway
             f.write(os.urandom(8 << 20))
     cut = pull(tmp_path)
     stage = staging.staging_dir(dest)
