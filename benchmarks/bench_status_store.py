@@ -18,7 +18,9 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from opskit.store import Store  # noqa: E402
+from remote import queue_dir  # noqa: E402
 
 PHASES = ("p0", "p1", "p2", "search50m", "size_100m", "size_200m")
 CONFIGS = [f"{f}_{t}" for f in ("geo", "hybrid_a0.2", "anchpoly_p3.9_omf0.3", "yarn_s4", "ntk_s8") for t in
@@ -113,12 +116,38 @@ def cpu_seconds(args: list[str], env: dict, repeat: int, check=None) -> float:
     return statistics.median(out)
 
 
+def queue_live_runs(db: Path, workdir: str) -> None:
+    """Put the store's queued runs in the local target's real queue, waiting for a run that never
+    comes (so they stay queued, and every status asks the local agent about them)."""
+    with Store(db) as store:
+        for r in store.select_runs(states=["queued"], columns=("name",)):
+            queue_dir.enqueue(workdir, {"run": r["name"], "command": ["true"], "after": ["p0/never/s0"]}, None)
+
+
+def stop_daemons(workdir: str) -> None:
+    for name in ("watchdog", "supervisor"):
+        pid = queue_dir.daemon_info(workdir, name).get("pid")
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
 def measure(work: Path, n: int, live: int, repeat: int) -> dict:
     db = work / f"state_{n}.db"
-    workdir = str(work / "wd")
+    workdir = str(work / f"wd_{n}")
     t0 = time.perf_counter()
     fill(db, n, live, workdir)
     fill_s = time.perf_counter() - t0
+    queue_live_runs(db, workdir)
+    try:
+        return _measure(db, n, live, repeat, fill_s)
+    finally:
+        stop_daemons(workdir)
+
+
+def _measure(db: Path, n: int, live: int, repeat: int, fill_s: float) -> dict:
     env = {**os.environ, "OPSKIT_STATE": str(db), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     opskit = [sys.executable, "-m", "opskit.cli"]
 
@@ -128,6 +157,8 @@ def measure(work: Path, n: int, live: int, repeat: int) -> dict:
 
     def default_view(stdout: str) -> None:
         assert "showing" in stdout and "p0:" in stdout, stdout[-500:]
+        queued = sum(int(m) for m in re.findall(r"\b(\d+) queued\b", stdout))  # the per-phase counts
+        assert queued == live, f"{queued} of the {live} live runs still queued: {stdout[-500:]}"
 
     return {"runs": n + live, "fill_s": round(fill_s, 2), "db_mb": round(db.stat().st_size / 1e6, 1),
             "default_cpu_s": cpu_seconds(opskit + ["status"], env, repeat, default_view),

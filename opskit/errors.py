@@ -4,18 +4,39 @@ from __future__ import annotations
 import difflib
 
 
+# The exit codes of every command (README.md "Exit codes"): scripts can tell these apart.
+EXIT_OK = 0
+EXIT_ERROR = 1  # it did not do what was asked; one line on stderr says why
+EXIT_USAGE = 2  # a mistake in the command: unknown run/target/phase name, bad option (Typer's own too)
+EXIT_INCOMPLETE = 3  # part of it was not done: launch refused a run, pull missed a run
+EXIT_UNREACHABLE = 4  # a target (or its scheduler) did not answer
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
 class OpsError(Exception):
     """An error the user can act on; the message says what to do."""
 
-    exit_code = 1
+    exit_code = EXIT_ERROR
 
 
 class NotFound(OpsError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
+
+
+class Incomplete(OpsError):
+    """Some of what a command was asked to do was not done (the output above says which and why)."""
+
+    exit_code = EXIT_INCOMPLETE
+
+
+class NoSpace(OpsError):
+    """A target's disk is full: the message names the target, the path and the free space."""
 
 
 class TargetUnreachable(OpsError):
     """A target (or its scheduler) did not answer, or not in time: its runs keep their last state."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class CannotRun(OpsError):

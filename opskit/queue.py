@@ -183,9 +183,16 @@ def queue_fields(queue: dict | None, run: str, attempt: int) -> dict:
             return {"queue_pos": e["position"], "message": e["waiting"]}
     for e in queue["running"] + queue["finished"][::-1]:  # newest finished first
         if e["run"] == run and e.get("attempt", attempt) == attempt:
+            error = e.get("error")
+            if e in queue["finished"] and not e.get("pid") and not error:  # its start failed unrecorded
+                error = "its start failed and the queue could not record why (a full disk?)"
             return {"queue_pos": None, "gpus": e.get("cuda_visible_devices"), "started_at": e.get("started_at"),
-                    "start_error": e.get("error")}
-    return {"queue_pos": None}
+                    "start_error": error, "start_no_space": bool(e.get("no_space"))}
+    # Nowhere in the queue: a torn entry file (moved to queue/broken/), or a launch killed before
+    # its enqueue. opskit.states.next_state fails a queued run that is not started either.
+    torn = [b["file"] for b in queue.get("broken", []) if b.get("run") in (run, None)]
+    return {"queue_pos": None, "entry_missing": f" (torn entry file {', '.join(torn)} moved to queue/broken/)"
+            if torn else True}
 
 
 def durations_by_phase(rows: list[dict], now: float) -> dict[str, float]:

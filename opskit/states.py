@@ -37,6 +37,15 @@ DEFAULT_STALL_AFTER_S = 300.0  # ten missed heartbeats (the trainer beats at lea
 DEFAULT_GPU_IDLE_PCT = 10.0
 DEFAULT_GPU_IDLE_WINDOW_S = 600.0
 MAX_GPU_IDLE_WINDOW_S = C.GPU_BUCKET_S * C.GPU_BUCKETS  # what the heartbeat's buckets cover
+DISK_FULL_BYTES = C.DISK_FULL_BYTES  # a run that died with less free than this on its disk: the disk killed it
+DISK_LOW_BYTES = 2 * 2**30  # `status` shows a target's free space below this
+
+# Heartbeat fields and the types a reader relies on (docs/run-directory.md); None is always allowed.
+_HB_NUMBERS = ("updated_at", "progress_at", "loss", "tokens_per_s", "eta_s", "gpu_util", "gpu_mem_mb",
+               "gpu_power_w", "gpu_at")
+_HB_INTEGERS = ("attempt", "pid", "step", "total_steps", "tokens", "cache_bytes", "cache_tokens",
+                "cache_target_tokens", "checkpoint_step")
+_HB_TEXTS = ("message", "failure")
 
 
 @dataclass(frozen=True)
@@ -53,13 +62,74 @@ class Observation:
     scheduler_state: str | None = None
     restarts: int = 0
     log_tail: str | None = None
+    # What is wrong with status.json when it cannot be read as a heartbeat (`status` is None then),
+    # and when it was last written (its mtime): a hung trainer with a garbage heartbeat still stalls.
+    status_error: str | None = None
+    status_written_at: float | None = None
+    # The run's disk: {"where": "<target>:<workdir>", "free_bytes": N, "total_bytes": M}.
+    disk: dict | None = None
 
 
-def observed(facts: dict, now: float) -> Observation:
+def heartbeat_problem(status) -> str | None:
+    """What makes a parsed status.json unusable as a heartbeat, or None when it is one."""
+    if not isinstance(status, dict):
+        return f"{C.STATUS} is not a JSON object (it holds {type(status).__name__} {str(status)[:40]})"
+    state = status.get("state")
+    if state is not None and state not in C.TRAINER_STATES:
+        return f"{C.STATUS} state {str(state)[:40]!r} is not a trainer state"
+    for key in _HB_NUMBERS + _HB_INTEGERS + _HB_TEXTS:
+        value = status.get(key)
+        if value is None:
+            continue
+        if key in _HB_TEXTS:
+            ok = isinstance(value, str)
+        else:
+            kinds = (int, float) if key in _HB_NUMBERS else int
+            ok = isinstance(value, kinds) and not isinstance(value, bool)
+        if not ok:
+            want = "a number" if key in _HB_NUMBERS else "an integer" if key in _HB_INTEGERS else "text"
+            return f"{C.STATUS} {key} is {str(value)[:40]!r}, not {want}"
+    buckets = status.get("gpu_util_max")
+    if buckets is not None and not (isinstance(buckets, list) and all(
+            isinstance(b, list) and len(b) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                        for x in b) for b in buckets)):
+        return f"{C.STATUS} gpu_util_max is {str(buckets)[:40]!r}, not a list of [time, utilisation] pairs"
+    return None
+
+
+def heartbeat_fields(facts: dict) -> dict:
+    """The Observation fields of a run's heartbeat from run-directory facts; a heartbeat that is not
+    one (a writer that broke the contract) becomes status None with what is wrong with it."""
+    status, problem = facts.get("status"), facts.get("status_error")
+    problem = problem or (heartbeat_problem(status) if status is not None else None)
+    return {"status": None if problem else status, "status_error": problem,
+            "status_written_at": facts.get("status_written_at")}
+
+
+def observed(facts: dict, now: float, disk: dict | None = None) -> Observation:
     """The Observation of one run from its run-directory facts (remote/processes.py run_facts, as
     `agent.py observe` reports them)."""
-    return Observation(status=facts["status"], exit_code=facts["exit_code"], alive=facts["alive"], now=now,
-                       started=facts["started"])
+    return Observation(exit_code=facts["exit_code"], alive=facts["alive"], now=now, started=facts["started"],
+                       disk=disk, **heartbeat_fields(facts))
+
+
+def disk_full(disk: dict | None) -> bool:
+    return bool(disk) and disk.get("free_bytes") is not None and disk["free_bytes"] < DISK_FULL_BYTES
+
+
+def disk_low(disk: dict | None) -> bool:
+    return bool(disk) and disk.get("free_bytes") is not None and disk["free_bytes"] < DISK_LOW_BYTES
+
+
+def free_space(disk: dict | None) -> str:
+    """'on box1:/data/opskit (3 MB free)' for messages."""
+    disk = disk or {}
+    free = f" ({disk['free_bytes'] / 1e6:.0f} MB free)" if disk.get("free_bytes") is not None else ""
+    return f"on {disk.get('where') or 'the target'}{free}"
+
+
+def no_space_reason(obs: Observation) -> str:
+    return f"no space left on device {free_space(obs.disk)}"
 
 
 def report_interval_s(status: dict | None, log_every: int | None) -> float | None:
@@ -112,7 +182,10 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
         if obs.exit_code == EXIT_OK and hb_state == C.HB_DONE:
             return DONE, "exit code 0"
         if obs.exit_code == EXIT_OK:
-            return FAILED, f"exit code 0 but heartbeat says {hb_state!r}"
+            return FAILED, (f"exit code 0 but {obs.status_error}" if obs.status_error
+                            else f"exit code 0 but heartbeat says {hb_state!r}")
+        if obs.exit_code == C.EXIT_NO_SPACE or hb.get("failure") == C.FAILURE_NO_SPACE:
+            return FAILED, no_space_reason(obs)
         if hb_state == C.HB_INTERRUPTED:
             return CANCELLED, f"stopped by signal after checkpoint at step {hb.get('checkpoint_step')}"
         detail = f": {hb['message']}" if hb_state == C.HB_FAILED and hb.get("message") else ""
@@ -122,7 +195,14 @@ def derive_state(obs: Observation, stall_after_s: float = DEFAULT_STALL_AFTER_S,
             return QUEUED, f"SLURM {obs.scheduler_state}" + (f" (requeued {obs.restarts}x)" if obs.restarts else "")
         return QUEUED, "waiting on the target's queue"
     if not obs.alive:
+        if disk_full(obs.disk):  # detach.sh could not even write the exit code
+            return FAILED, f"process gone without an exit code; {no_space_reason(obs)}"
         return LOST, "process gone without an exit code"
+    if obs.status_error:  # judged by when the file was last written; next_state keeps the live phase
+        age = obs.now - float(obs.status_written_at or obs.now)
+        if age > stall_after_s:
+            return STALLED, f"alive, heartbeat unreadable and not rewritten for {age:.0f}s ({obs.status_error})"
+        return STARTING, f"heartbeat unreadable: {obs.status_error}"
     if not hb:
         return STARTING, "process alive, no heartbeat yet"
     age = obs.now - float(hb.get("updated_at") or 0)
@@ -161,11 +241,20 @@ def next_state(row: dict, obs: Observation, stall_after_s: float = DEFAULT_STALL
         obs = dataclasses.replace(obs, status=None)
     fields = dict(queue_fields or {})
     start_error = fields.pop("start_error", None)
+    start_no_space = fields.pop("start_no_space", False)
+    missing = fields.pop("entry_missing", None)
     state, reason = derive_state(obs, stall_after_s, spec.get("log_every"), gpu_idle_pct, gpu_idle_window_s)
+    if obs.status_error and state == STARTING and row["state"] in (TOKENIZING, TRAINING, EVALUATING):
+        state = row["state"]  # a garbage heartbeat says nothing of the phase: keep the last one known
+    if obs.status_error:
+        fields["message"] = reason
     if row["state"] in NOT_HANDED and not obs.started:
         state = row["state"]
     if start_error and not obs.started:
-        state, reason = FAILED, f"the target's queue could not start it: {start_error}"
+        state, reason = FAILED, (no_space_reason(obs) if start_no_space or disk_full(obs.disk)
+                                 else f"the target's queue could not start it: {start_error}")
+    elif missing and not obs.started and row["state"] == QUEUED:
+        state, reason = FAILED, f"its entry is gone from the target's queue{missing if isinstance(missing, str) else ''}"
     requeued = bool(spec) and spec["attempt"] + obs.restarts > row["attempt"]
     if row["state"] in ENDED and state not in ENDED and not requeued:
         state, reason = row["state"], None

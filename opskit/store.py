@@ -16,8 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from opskit import store_path
 from opskit.errors import NotFound, OpsError, unknown_name
 from opskit.states import ALL_STATES, ENDED
+from opskit.store_path import StoreError
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
@@ -85,19 +87,37 @@ MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
 
 
 class Store:
-    """All reads and writes of state.db. Open one per command; it is cheap."""
+    """All reads and writes of state.db. Open one per command; it is cheap.
 
-    def __init__(self, path: str | os.PathLike = DEFAULT_PATH):
+    `create`: make the file when it does not exist (its directory must). A store knows where it was
+    created: a copy whose original still exists is refused (it would drive the original's local runs),
+    a moved one re-points the targets kept beside it (`notes` says so); `adopt` makes a copy its own.
+    Any SQLite failure is a StoreError that names the file and what to do."""
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, create: bool = True, adopt: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self.conn = conn
-        self._migrate()
-        self._run_columns = {r["name"] for r in conn.execute('PRAGMA table_info("runs")')}
+        self.notes: list[str] = []
+        store_path.check_file(store_path.StoreChoice(self.path, "path"), create)
+        self.created = not self.path.exists()
+        conn = None
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn = conn
+            self._migrate()
+            self._run_columns = {r["name"] for r in conn.execute('PRAGMA table_info("runs")')}
+            self._check_identity(adopt)
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            raise StoreError(store_path.describe(self.path, e)) from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
 
     def __enter__(self) -> "Store":
         return self
@@ -133,8 +153,9 @@ class Store:
             self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             version = self._version()
             if version > SCHEMA_VERSION:
-                raise OpsError(f"{self.path} has schema version {version}, newer than this opskit "
-                               f"({SCHEMA_VERSION}); upgrade opskit")
+                raise StoreError(f"the run store {self.path} has schema version {version}, newer than this "
+                                 f"opskit ({SCHEMA_VERSION}): upgrade opskit (pip install -U), or use the "
+                                 f"opskit that wrote it")
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 MIGRATIONS[v](self.conn)
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
@@ -145,6 +166,52 @@ class Store:
         except sqlite3.OperationalError:  # no meta table yet: a new store
             return 0
         return int(row[0]) if row else 0
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+
+    def _check_identity(self, adopt: bool) -> None:
+        here = str(self.path.resolve())
+        recorded = self._meta("store_path")
+        if recorded == here:
+            return
+        if recorded is not None and not adopt and Path(recorded).exists():
+            local = self.get_target("local")
+            runs = f" (its local runs live in {local['config'].get('workdir')})" if local else ""
+            raise StoreError(f"{here} is a copy of the run store {recorded}, which still exists{runs}: use that "
+                             f"one (--state {recorded}), or make this copy a store of its own with "
+                             f"`opskit store adopt --state {here}`")
+        with self.transaction():
+            if recorded is not None:
+                moved = self._repoint(Path(recorded).parent / ".opskit", self.path.resolve().parent / ".opskit")
+                if moved:
+                    self.notes.append(f"the run store was at {recorded}; targets {', '.join(moved)} now keep "
+                                      f"their runs beside it, in {self.path.resolve().parent / '.opskit'}")
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('store_path', ?)", [here])
+
+    def _repoint(self, old: Path, new: Path) -> list[str]:
+        """Targets whose workdir lay beside the store's old place (and their runs' paths) move with it."""
+        def moved(path: str | None) -> str | None:
+            if path and (path == str(old) or path.startswith(f"{old}/")):
+                return str(new) + path[len(str(old)):]
+            return None
+        names = []
+        for t in self.list_targets():
+            workdir = moved(t["config"].get("workdir"))
+            if workdir:
+                self.conn.execute("UPDATE targets SET config = ? WHERE name = ?",
+                                  [json.dumps({**t["config"], "workdir": workdir}), t["name"]])
+                names.append(t["name"])
+        for run in self.list_runs():
+            if run["target"] not in names:
+                continue
+            spec = run["spec"] or {}
+            spec = {**spec, **{k: moved(spec[k]) for k in ("out_dir", "cache_dir") if moved(spec.get(k))}}
+            self.conn.execute("UPDATE runs SET run_dir = ?, spec = ? WHERE name = ?",
+                              [moved(run["run_dir"]) or run["run_dir"], json.dumps(spec) if run["spec"] else None,
+                               run["name"]])
+        return names
 
     @property
     def schema_version(self) -> int:
@@ -399,6 +466,3 @@ def _run_row(row: dict) -> dict:
             row[flag] = bool(row[flag])
     return row
 
-
-def default_path() -> Path:
-    return Path(os.environ.get("OPSKIT_STATE", DEFAULT_PATH))

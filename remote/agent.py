@@ -18,7 +18,8 @@ Queue operations (the queue's files: remote/queue_dir.py; its supervisor: remote
     agent.py enqueue --workdir W                     (stdin: {"entry": {...}, "config": {...}})
     agent.py dequeue --workdir W --run R             (remove a run that has not started)
     agent.py queue-move --workdir W --run R --top
-    agent.py queue-state --workdir W [--ensure]       (--ensure: restart a dead supervisor first)
+    agent.py queue-state --workdir W [--ensure] [RUN...]  (--ensure: restart a dead supervisor first;
+                                                          RUN: also its newest finished entry)
     agent.py ensure-supervisor --workdir W           (start the supervisor if work waits and none runs)
 
 The box's ledger, idle action and notifications (remote/box.py; docs/cost-and-notifications.md):
@@ -52,7 +53,8 @@ def start(workdir: str, run: str, cmd: list[str], env: dict[str, str]) -> dict:
 
 
 def observe(workdir: str, runs: list[str]) -> dict:
-    return {"now": time.time(), "runs": {run: processes.run_facts(C.run_dir(workdir, run)) for run in runs}}
+    return {"now": time.time(), "runs": {run: processes.run_facts(C.run_dir(workdir, run)) for run in runs},
+            "disk": processes.disk_facts(workdir)}
 
 
 def send_signal(workdir: str, run: str, sig: str) -> dict:
@@ -168,14 +170,37 @@ def queue_op(a: argparse.Namespace) -> dict:
             return S.move_top(a.workdir, a.run)
         if a.op == "queue-state":
             supervisor = S.ensure_running(a.workdir) if a.ensure else None
-            return {**S.state(a.workdir), **({"ensured": supervisor} if supervisor else {})}
+            return {**S.state(a.workdir, runs=a.runs), **({"ensured": supervisor} if supervisor else {})}
         return S.ensure_running(a.workdir)
     except S.QueueError as e:
         raise SystemExit(json.dumps({"error": str(e)})) from None
 
 
+def fail(error: BaseException, workdir: str | None) -> None:
+    """One line of JSON on stdout and exit 1, for an error the agent could not do its work past: opskit
+    shows it as one line (a full disk says so, with the free space), never a traceback."""
+    if C.is_no_space(error):
+        disk = processes.disk_facts(workdir) if workdir else None
+        free = f" ({disk['free_bytes'] / 1e6:.0f} MB free)" if disk else ""
+        answer = {"error": f"no space left on device in {workdir}{free}", "no_space": True, "disk": disk}
+    else:
+        answer = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    print(json.dumps(answer), flush=True)
+    raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    workdir = argv[argv.index("--workdir") + 1] if "--workdir" in argv[:-1] else None
+    try:
+        run_op(argv)
+    except (SystemExit, KeyboardInterrupt, BrokenPipeError):
+        raise
+    except Exception as e:  # noqa: BLE001  (one JSON line for opskit; the box has no one to read a traceback)
+        fail(e, workdir)
+
+
+def run_op(argv: list[str]) -> None:
     cmd: list[str] = []
     if "--" in argv:
         i = argv.index("--")

@@ -5,12 +5,15 @@ supervisor. A run's process is named by the contract's pid file: "<pid> <kernel 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+from opskit import states
+from remote.faults import kill_point
 from train import contract as C
 
 DETACH = Path(__file__).resolve().parent / "detach.sh"
@@ -56,6 +59,7 @@ def start_detached(workdir: str, run: str, cmd: list[str], env: dict[str, str]) 
     with open(os.devnull, "rb") as null_in, open(run_dir / C.LOG, "ab") as log:
         proc = subprocess.Popen(["bash", str(DETACH), str(run_dir), *cmd], stdin=null_in, stdout=log,
                                 stderr=log, env=full_env, start_new_session=True, close_fds=True)
+    kill_point("forked")
     start_time = None
     for _ in range(50):  # /proc entry appears at once; loop guards against a slow fork
         start_time = proc_start_time(proc.pid)
@@ -112,12 +116,42 @@ def find_process_with_env(needle: bytes) -> int | None:
     return None
 
 
-def run_facts(run_dir: Path) -> dict:
-    """What the run directory says of a run: its heartbeat, exit code, whether its process lives and
-    whether it was ever started here (opskit.states.observed turns this into an Observation)."""
+def read_heartbeat(run_dir: Path) -> tuple[dict | None, str | None, float | None]:
+    """(status, problem, written_at) of a run's status.json: the parsed heartbeat, or None with what
+    is wrong with it (not JSON, not an object, a field of the wrong type); its mtime either way."""
+    path = run_dir / C.STATUS
     try:
-        status = C.read_json(run_dir / C.STATUS)
-    except ValueError:  # a writer that does not follow the contract; report it as missing
-        status = None
-    return {"status": status, "exit_code": C.read_exit_code(run_dir), "alive": pid_alive(run_dir),
+        text = path.read_text()
+        written_at = path.stat().st_mtime
+    except FileNotFoundError:
+        return None, None, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{C.STATUS} unreadable: {getattr(e, 'strerror', None) or e}", None
+    try:
+        status = json.loads(text)
+    except ValueError as e:
+        return None, f"{C.STATUS} is not valid JSON ({getattr(e, 'msg', e)})", written_at
+    problem = states.heartbeat_problem(status)
+    return (None, problem, written_at) if problem else (status, None, written_at)
+
+
+def run_facts(run_dir: Path) -> dict:
+    """What the run directory says of a run: its heartbeat (or what is wrong with it), exit code, whether
+    its process lives and whether it was ever started here (opskit.states.observed turns this into an
+    Observation)."""
+    status, problem, written_at = read_heartbeat(run_dir)
+    return {"status": status, "status_error": problem, "status_written_at": written_at,
+            "exit_code": C.read_exit_code(run_dir), "alive": pid_alive(run_dir),
             "started": (run_dir / C.PID).exists(), "exists": run_dir.exists()}
+
+
+def disk_facts(path: str | os.PathLike) -> dict | None:
+    """Free and total bytes of the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return {"path": str(path), "free_bytes": st.f_bavail * st.f_frsize, "total_bytes": st.f_blocks * st.f_frsize}

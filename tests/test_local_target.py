@@ -64,7 +64,8 @@ def test_launch_status_pull_and_refusals(cli):
 
     again = cli("launch", "e2e", "--matrix", MATRIX, "--config", "hybrid_a0.2_t100k", "--seed", "42", "--json",
                 check=False)
-    assert again.returncode == 1 and "already done" in json.loads(again.stdout)[0]["reason"]  # nothing started
+    assert again.returncode == 3  # a refusal: the run was not launched (EXIT_INCOMPLETE)
+    assert "already done" in json.loads(again.stdout)[0]["reason"]
 
     cli("pull", "--results-dir", str(cli.tmp / "results"))
     dest = cli.tmp / "results" / "raw" / "e2e" / "hybrid_a0.2_t100k" / "seed42"

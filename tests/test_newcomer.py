@@ -40,8 +40,9 @@ def cli(tmp_path):
 
 
 def one_line_error(out, *words):
-    """A refusal: non-zero, one line on stderr with every word in it, no traceback, never 'unexpected'."""
-    lines = out.stderr.strip().splitlines()
+    """A refusal: non-zero, one error line on stderr with every word in it, no traceback, never
+    'unexpected' (`note:` lines say which store is used, or that launch created it)."""
+    lines = [line for line in out.stderr.strip().splitlines() if not line.startswith("note: ")]
     assert out.returncode != 0, out.stdout
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert "unexpected" not in out.stderr and "Traceback" not in out.stderr
@@ -102,7 +103,7 @@ def test_pull_with_nothing_new_says_so_and_leaves_results_unchanged(cli):
         diff = subprocess.run(["git", "status", "--porcelain", "results"], cwd=cli.tmp, capture_output=True, text=True)
         assert diff.stdout == "", diff.stdout  # manifest.json (pulled_at) not rewritten
     launch = cli("launch", "e2e", "--matrix", MATRIX, "--config", "geo_500k", "--seed", "42")
-    assert launch.returncode == 1 and "already done" in launch.stdout and "--rerun" in launch.stdout
+    assert launch.returncode == 3 and "already done" in launch.stdout and "--rerun" in launch.stdout
 
 
 # ---------------------------------------------------------------- 3: what a run needs

@@ -12,6 +12,8 @@ import time
 import pytest
 
 from opskit.store import SCHEMA_VERSION, Store, _migration_1
+from remote import queue_dir
+from test_queue import stop_daemons
 
 N_ENDED = 45
 
@@ -41,7 +43,11 @@ def state(tmp_path_factory):
         for i in range(2):
             store.upsert_run({"name": f"p1/live/s{i}", "phase": "p1", "config": "live", "seed": i, "target": "local",
                               "attempt": 1, "state": "queued"}, reason="new")
-    return path
+    workdir = path.parent / ".opskit" / "local"  # where the local target keeps its queue
+    for i in range(2):  # really waiting in that queue (for a run that never comes), as a launch leaves them
+        queue_dir.enqueue(str(workdir), {"run": f"p1/live/s{i}", "command": ["true"], "after": ["p1/blocker/s0"]}, None)
+    yield path
+    stop_daemons(workdir)
 
 
 def rows(out):

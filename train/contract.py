@@ -45,6 +45,12 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
 EXIT_INTERRUPTED = 75  # signalled, checkpoint saved; resume continues the run
+EXIT_NO_SPACE = 74  # the run's disk is full (ENOSPC); status.json says so too: torchrun reports its own 1
+
+DISK_FULL_BYTES = 16 * 2**20  # less free than this where a run failed: the disk was full
+
+# status.json["failure"] when the trainer failed for a reason opskit names itself (not only `message`).
+FAILURE_NO_SPACE = "no_space"
 
 RUNS_DIR = "runs"
 CKPT_STEP_PREFIX = "step_"
@@ -171,14 +177,61 @@ def parse_ckpt_step(name: str) -> int | None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` so that a concurrent reader sees the old or the new file, never a part."""
+    """Write `text` so that a concurrent reader sees the old or the new file, never a part. On any
+    failure (a full disk) the temporary file is removed, so a failed write leaves no space taken."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def overwrite_in_place(path: str | os.PathLike, text: str) -> None:
+    """Rewrite an existing file's bytes without a new file: on a full disk this still succeeds when
+    `text` fits in the blocks the file already has (the last resort for a small record such as the
+    heartbeat; a reader may see it half-written, which the readers treat as unreadable)."""
+    with open(path, "r+") as f:
         f.write(text)
+        f.truncate()
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def is_no_space(error: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether a failure was a full disk: ENOSPC/EDQUOT in the exception, its causes or (torch's
+    distributed checkpoint) the failures it gathered from ranks; or, since some writers hide the
+    errno (torch's zip writer says "unexpected pos"), whether `path`'s filesystem is full right now."""
+    import errno
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return path is not None and disk_full(path)
+
+
+def disk_full(path: str | os.PathLike) -> bool:
+    """Whether the filesystem holding `path` has less than DISK_FULL_BYTES left for this user."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

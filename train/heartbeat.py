@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from train.contract import (HB_STARTING, HEARTBEAT_MAX_INTERVAL_S, LOSS_CURVE, STATUS, TRAINER_STATES,
-                            atomic_write_json, atomic_write_text)
+                            atomic_write_json, atomic_write_text, is_no_space, overwrite_in_place)
 
 # Refresh interval; well under the contract's maximum so a slow disk never makes a run look dead.
 # Tests shorten it with OPSKIT_HEARTBEAT_S.
@@ -27,6 +27,7 @@ STATUS_FIELDS = (
     # GPU samples (train/gpu_monitor.py): mean utilisation %, memory used (MiB) and power (W) of the
     # run's GPUs at gpu_at, and [[bucket start, highest utilisation], ...]; null on a CPU run.
     "gpu_util", "gpu_mem_mb", "gpu_power_w", "gpu_at", "gpu_util_max",
+    "failure",
 )
 
 
@@ -77,7 +78,14 @@ class Heartbeat:
 
     def _write_locked(self) -> None:
         self.status["updated_at"] = time.time()
-        atomic_write_json(self.path, self.status)
+        try:
+            atomic_write_json(self.path, self.status)
+        except OSError as e:
+            if not (is_no_space(e) and self.path.exists()):
+                raise
+            # A full disk: the old heartbeat's blocks still hold a new one (it is ~600 bytes), so opskit
+            # reads the truth (failed, no space) instead of an old "training" beat.
+            overwrite_in_place(self.path, json.dumps(self.status, sort_keys=True) + "\n")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):

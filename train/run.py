@@ -426,14 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted by {e.args[0]} before the process group formed, exit {EXIT_INTERRUPTED}", flush=True)
         return EXIT_INTERRUPTED
     _LOG_RANK["rank"] = dist_info.rank
-    heartbeat = Heartbeat(spec.out_dir, spec.attempt, enabled=dist_info.is_main).start()
+    heartbeat = Heartbeat(spec.out_dir, spec.attempt, enabled=dist_info.is_main)
     from train.gpu_monitor import GpuMonitor
-    gpu_monitor = GpuMonitor.for_run(heartbeat, on_gpu=dist_info.device.type == "cuda")
+    gpu_monitor = None
     curve = LossCurve(spec.out_dir, enabled=dist_info.is_main)
-    log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size {dist_info.world_size} ====")
     code, clean = EXIT_FAILED, True
     tracker = tracking.Tracker([])
     try:
+        heartbeat.start()  # inside: a disk already full fails the run with no_space, not a traceback
+        gpu_monitor = GpuMonitor.for_run(heartbeat, on_gpu=dist_info.device.type == "cuda")
+        log(f"==== attempt {spec.attempt} of {spec.run}: pid {os.getpid()}, world size {dist_info.world_size} ====")
         tracker = tracking.open_tracker(spec, dist_info.is_main, curve, reraise=(Interrupted,))  # docs/trackers.md
         code = run(spec, dist_info, heartbeat, curve, signals, started)
     except SpecError as e:
@@ -449,19 +451,36 @@ def main(argv: list[str] | None = None) -> int:
                          message=f"{e.args[0]} while {phase}; resume from checkpoint {step}")
         log(f"interrupted by {e.args[0]} while {phase}: checkpoint_step {step}, exit {EXIT_INTERRUPTED}")
         code, clean = EXIT_INTERRUPTED, False
-    except Exception as e:
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         summary = f"{type(e).__name__}: {e}".splitlines()[0]
-        print(f"error: training failed: {summary}", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        heartbeat.update(state=C.HB_FAILED, message=summary)
-        code, clean = EXIT_FAILED, False
+        no_space = C.is_no_space(e, spec.out_dir)
+        if no_space:
+            summary = f"no space left on device in {spec.out_dir} ({summary})"
+        if no_space and dist_info.is_main:  # give back what a half-written checkpoint took
+            checkpoint.remove_partial(Path(spec.out_dir) / CKPT_DIR)
+        try:  # the log is on the same disk: a full one must not hide the heartbeat's verdict
+            print(f"error: training failed: {summary}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        except OSError:
+            pass
+        try:
+            heartbeat.update(state=C.HB_FAILED, message=summary,
+                             **({"failure": C.FAILURE_NO_SPACE} if no_space else {}))
+        except OSError:
+            pass
+        code, clean = (C.EXIT_NO_SPACE if no_space else EXIT_FAILED), False
     finally:
         if gpu_monitor is not None:
             gpu_monitor.stop()
         heartbeat.stop()
         tracker.close(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # the log's disk is full: what is left goes nowhere (else Python exits 120)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     if not clean and dist_info.world_size > 1:
         os._exit(code)  # other ranks may be stuck in a collective; don't wait on them
     shutdown()

@@ -59,6 +59,8 @@ def report(phase: Optional[str] = typer.Option(None, "--phase", "-p", help="Only
     for r in out.report.not_done:
         hint = f" (opskit pull {r.name})" if r.state == NOT_PULLED else ""
         con.print(f"[yellow]not in the averages[/yellow] {r.name}: {r.state}{hint}", highlight=False)
+    for w in out.warnings:
+        con.print(f"warning: {w}", markup=False, style="yellow")
     for f in out.figures:
         if f.path is None or f.note:
             con.print(f"[dim]{f.note}[/dim]")
@@ -79,7 +81,7 @@ def gate(phase: str = typer.Argument(..., help="Phase with a gate rule, e.g. p0.
     from pathlib import Path
 
     from opskit.results.gate import apply_gate
-    with open_store() as store:
+    with open_store(create=True) as store:  # a gate decided on imported results starts a project's store
         decision = apply_gate(store, Path(results_dir) / "raw", phase, matrix, allow_incomplete)
     emit(decision, as_json, _print_gate)
 

@@ -10,7 +10,7 @@ import typer
 from opskit.cli.app import app, open_store, runs_app
 from opskit.cli.output import JSON, console, emit, fmt_age, fmt_num, for_humans
 from opskit.cli.status import watch_runs
-from opskit.errors import OpsError
+from opskit.errors import Incomplete, OpsError
 
 
 @app.command()
@@ -24,7 +24,8 @@ def launch(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what each run needs and the command; start nothing."),
     rerun: bool = typer.Option(False, "--rerun", help="Start done/failed runs again from scratch."),
     force: bool = typer.Option(False, "--force", help="Launch runs the target cannot run well (no GPUs for a large "
-                                                      "preset, bf16 on a CPU, an unreachable hub) anyway."),
+                                                      "preset, bf16 on a CPU, an unreachable hub, checkpoints and "
+                                                      "token cache that do not fit its free disk) anyway."),
     wait: bool = typer.Option(False, "--wait", help="Show live status until every launched run has ended."),
     after: Optional[List[str]] = typer.Option(None, "--after", metavar="RUN",
                                               help="Start only once this run is done (repeatable)."),
@@ -35,7 +36,7 @@ def launch(
     """Expand a phase into runs and queue them on a target (each starts detached as GPUs free up).
 
     Each run is checked against its target first (GPUs, memory, dtype, data) and refused in one line
-    if it cannot run there. Exits 1 when no run was started (all refused, e.g. already done).
+    if it cannot run there. Exits 3 when a run was not launched (refused, e.g. already done).
 
     \b
     Example: opskit launch demo --config hybrid_a0.2_t100k --seed 123
@@ -43,18 +44,18 @@ def launch(
     """
     from opskit import operations
     out = console()
-    with open_store() as store:
+    with open_store(create=True) as store:
         result = operations.launch(store, phase, config, seed, target, matrix, rerun, dry_run,
                                    on_event=lambda m: out.print(f"[dim]{m}[/dim]") if not as_json else None,
                                    after=after, trackers=tracker, force=force)
     emit(result, as_json, lambda rows: _print_launch(out, rows, dry_run))
     started = [r["run"] for r in result if r.get("started") or r.get("queued")]
-    if dry_run:
-        return
-    if not started:
-        raise typer.Exit(1)
-    if wait:
+    if wait and not dry_run and started:
         watch_runs(started)
+    refused = [r["run"] for r in result if not (r.get("started") or r.get("queued"))]
+    if refused and not dry_run:
+        raise Incomplete(f"{len(refused)} of {len(result)} runs not launched (see above)" if started
+                         else f"nothing launched: {len(refused)} run(s) refused (see above)")
 
 
 def _print_launch(out, rows: list[dict], dry_run: bool) -> None:
@@ -166,6 +167,10 @@ def pull(runs: Optional[List[str]] = typer.Argument(None, help="Run names (defau
     with open_store() as store:
         result = operations.pull(store, runs, results_dir, on_event=for_humans(as_json))
     emit(result, as_json, _print_pulled)
+    missed = [r["run"] for r in result if r.get("error")]
+    if missed:
+        raise Incomplete(f"{len(missed)} of {len(result)} runs not pulled: {', '.join(missed[:5])}"
+                         + (", ..." if len(missed) > 5 else ""))
 
 
 def _print_pulled(rows: list[dict]) -> None:
@@ -250,11 +255,17 @@ def _print_queues(queues: list[dict]) -> None:
                    + (f", supervisor pid {sup['pid']})" if sup.get("alive") else ", supervisor idle)"))
         for r in q.get("running", []):
             where = f"GPUs {r['cuda_visible_devices']}" if r.get("cuda_visible_devices") else "CPU"
-            typer.echo(f"  running  {r['run']}  {where}  port {r.get('port')}  since {fmt_age(r.get('started_at'))}")
+            what = "running " if r.get("pid") else "starting"  # no pid yet: being started (or recovered)
+            typer.echo(f"  {what} {r['run']}  {where}  port {r.get('port') or '-'}  since {fmt_age(r.get('started_at'))}")
         for r in q.get("pending", []):  # `waiting` names the --after run it waits for, if any
             typer.echo(f"  #{r['position']:<6} {r['run']}  {r.get('units', '?')} GPU(s)  {r['waiting']}")
         if not q.get("running") and not q.get("pending"):
             typer.echo("  (empty)")
+        if q.get("config_error"):
+            typer.echo(f"  warning: {q['config_error']}")
+        for b in q.get("broken") or []:
+            typer.echo(f"  torn entry {b['file']} ({b['error']}; run {b.get('run') or 'unreadable'}): "
+                       f"moved to queue/{b['moved_to']}; launch its run again, then delete the file")
 
 
 @app.command("export")

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from opskit.cli.app import app, open_store
-from opskit.cli.output import console, fmt_age, fmt_duration, fmt_num, print_json_rows
+from opskit.cli.app import app, open_store, store_exists
+from opskit.cli.output import console, fmt_age, fmt_duration, fmt_money, fmt_num, print_json_rows
 
 REASON_WIDTH = 60
 SHOW_REASON = ("failed", "lost", "stalled", "cancelled")
@@ -43,22 +43,38 @@ def status(
     """
     from opskit import operations
     from opskit.operations.selection import selection
+    if not store_exists():  # a fresh project: nothing to show, and nothing is created by looking
+        hint = "no run store here or in a folder above (no state.db): `opskit launch demo` creates ./state.db"
+        if as_json:
+            print_json_rows([])
+        typer.echo(hint, err=as_json)
+        return
     with open_store() as store:
         sel = selection(store, phase, run_state, target, since, all_runs)
         if watch:
             return _watch(store, sel, None, until_ended=False, interval=interval)
-        health = operations.refresh(store, sel=sel)
+        notes: dict[str, list[str]] = {}
+        health = operations.refresh(store, sel=sel, notes=notes)
         view = operations.status_view(store, sel, capped=False if as_json else None)
         boxes = [] if as_json else operations.box_views(store)
-    if as_json:
-        return print_json_rows(view["runs"])
+    if as_json:  # the table's caption lines go to stderr, where a script's stdout stays JSON
+        print_json_rows(view["runs"])
+        for line in caption_notes(health, notes):
+            typer.echo(line, err=True)
+        return
     out = console()
-    out.print(status_table(view["runs"], health, boxes))
+    out.print(status_table(view["runs"], health, boxes, notes))
     for line in summary_lines(view):
         out.print(line, markup=False, highlight=False)
 
 
-def status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
+def caption_notes(health: dict, notes: dict | None) -> list[str]:
+    """Targets that did not answer, and what the others said beside their runs (low disk, torn entries)."""
+    return ([err if err.startswith(f"target {t}") else f"target {t}: {err}" for t, err in health.items() if err]
+            + [f"target {t}: {note}" for t, lines in (notes or {}).items() for note in lines])
+
+
+def status_table(rows: list[dict], health: dict, boxes: list[dict] = (), notes: dict | None = None):
     from rich.table import Table
 
     from opskit import states as S
@@ -83,7 +99,7 @@ def status_table(rows: list[dict], health: dict, boxes: list[dict] = ()):
                       f"{r['gpu_util']:.0f}%" if r.get("gpu_util") is not None and r["state"] in S.ACTIVE else "-",
                       fmt_duration(r["eta_s"]) if r["state"] not in S.ENDED else "-",
                       cache, fmt_age(r["heartbeat_at"]), short_reason(r))
-    caption = [err if err.startswith(f"target {t}") else f"target {t}: {err}" for t, err in health.items() if err]
+    caption = caption_notes(health, notes)
     caption += [box_line(b) for b in boxes]
     if not rows:
         caption.append("no runs yet: try `opskit launch demo`")
@@ -148,9 +164,10 @@ def _watch(store, sel, runs: list[str] | None, until_ended: bool, interval: floa
     try:
         with Live(refresh_per_second=4, console=out) as live:
             while True:
-                health = operations.refresh(store, runs=runs, sel=sel)
+                notes: dict[str, list[str]] = {}
+                health = operations.refresh(store, runs=runs, sel=sel, notes=notes)
                 rows = operations.status_of(store, runs) if runs else operations.status_view(store, sel)["runs"]
-                live.update(status_table(rows, health))
+                live.update(status_table(rows, health, notes=notes))
                 if until_ended and all(r["state"] in states.ENDED for r in rows):
                     return
                 time.sleep(interval)

@@ -88,7 +88,7 @@ def targets_add(
         raise OpsError("say what the target is: --ssh USER@HOST[:PORT], --slurm or --local")
     if local and kind != "local":
         raise OpsError("--local is this machine: not with --ssh or --slurm")
-    with open_store() as store:
+    with open_store(create=True) as store:
         rec = operations.add_target(store, name, kind, {k: v for k, v in options.items() if v is not None}, replace)
     emit(rec, as_json, lambda r: typer.echo(f"added {r['kind']} target {name}: " + _config_line(r)))
 
@@ -106,7 +106,7 @@ def targets_list(as_json: bool = JSON):
     Example: opskit targets list
     """
     from opskit import operations
-    with open_store() as store:
+    with open_store(create=True) as store:
         rows = operations.list_targets(store)
     emit(rows, as_json, lambda rows: [typer.echo(f"{t['name']:<16} {t['kind']:<6} {_config_line(t)}") for t in rows])
 
@@ -134,7 +134,7 @@ def targets_check(name: str = typer.Argument("local", metavar="NAME"), as_json: 
     Example: opskit targets check box1
     """
     from opskit import operations
-    with open_store() as store:
+    with open_store(create=True) as store:
         result = operations.check_target(store, name)
     if not result.get("reachable", True):
         if as_json:
@@ -154,6 +154,6 @@ def targets_prepare(name: str = typer.Argument(..., metavar="NAME"),
     Example: opskit targets prepare box1
     """
     from opskit import operations
-    with open_store() as store:
+    with open_store(create=True) as store:
         result = operations.prepare_target(store, name, on_line=progress(as_json))
     emit(result, as_json, lambda r: typer.echo(f"target {name} is ready"))

@@ -13,9 +13,12 @@ what launch, pull or export need.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _MODULES = {
     "control": ("cancel", "logs", "queue_move_top", "queue_view", "resume", "run_details"),
+    "cost": ("box_views", "cost", "run_costs"),
     "export": ("export_run",),
     "launch": ("launch", "submit_one"),
     "pull": ("pull",),
@@ -24,11 +27,7 @@ _MODULES = {
                 "prepare_target", "remove_target"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
-__all__ = sorted([*_WHERE, "box_views", "cost", "run_costs"])
-
-# `cost` is also its module's name: a lazy `cost` would be replaced by the module the first time
-# anything imports opskit.operations.cost, so these are bound now (status needs them anyway).
-from opskit.operations.cost import box_views, cost, run_costs  # noqa: E402
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
@@ -39,5 +38,14 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+class _Operations(types.ModuleType):
+    """`launch`, `pull` and `cost` are functions named like their modules: when the import system binds
+    such a module to its name here (on its first import, from anywhere), the function takes its place."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _WHERE.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Operations

@@ -80,7 +80,8 @@ def resume(store: Store, run: str, target: str | None = None, on_event: Notify =
         code = record_code(PROJECT_ROOT, CODE_PATHS)
         spec = store.require_run(run)["spec"]  # a move has just pointed it at the other target
         store.update_run(run, spec={**spec, "code_commit": code.commit, "code_dirty": code.dirty})
-        return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False, files=code_files(tgt, code))
+        return submit_one(store, tgt, run, row["attempt"] + 1, fresh=False, files=code_files(tgt, code),
+                          keep_row_on_error=True)
 
 
 def _move_run(store: Store, row: dict, src: Target, dst: Target, on_event: Notify) -> Target:

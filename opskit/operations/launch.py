@@ -9,7 +9,7 @@ from typing import Callable
 from opskit import catalog, planning, states
 from opskit.code_record import CodeRecord, environment_argv, record_code
 from opskit.errors import OpsError
-from opskit.operations import preflight
+from opskit.operations import disk_check, preflight
 from opskit.operations.targets import get_target
 from opskit.store import Store
 from opskit.targets import Target
@@ -28,9 +28,10 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
            target: str = "local", matrix: str | None = None, rerun: bool = False, dry_run: bool = False,
            on_event: Notify = quiet, after: list[str] | None = None, trackers: list[str] | None = None,
            force: bool = False) -> list[dict]:
-    """Expand the phase, refuse duplicates, bad specs and runs the target cannot run (preflight.py;
-    `force` launches those anyway), prepare/sync the target once, then submit each run (local/SSH:
-    its queue's supervisor starts it when GPUs free up; SLURM: sbatch).
+    """Expand the phase, refuse duplicates, bad specs, runs the target cannot run (preflight.py) and
+    runs whose checkpoints and token cache would not fit on its disk (disk_check.py); `force` launches
+    those anyway. Then prepare/sync the target once and submit each run (local/SSH: its queue's
+    supervisor starts it when GPUs free up; SLURM: sbatch).
     `after`: runs on the same target that must be done before these start; `trackers`: added to the
     matrix's `tracking` (docs/trackers.md). Each run records the code it was launched with."""
     m, ph = catalog.resolve_phase(phase, matrix)
@@ -46,20 +47,23 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         spec = planning.build_spec(p, tgt.workdir, 1)
         need = preflight.needs(tgt, spec)
         checks[p.name] = (need, preflight.problems(tgt, spec, need))
+    disk = None
+    if not force and any(d.start for d in planning.decide_launches(planned, _existing(store, planned), rerun)):
+        disk = disk_check.target_disk(tgt)  # asked before the store is locked: it is a round trip
     with store.transaction():  # decide and claim at once: two launches of one run never both start it
-        existing = {p.name: store.get_run(p.name) for p in planned}
-        decisions = planning.decide_launches(planned, {k: v for k, v in existing.items() if v}, rerun)
+        decisions = planning.decide_launches(planned, _existing(store, planned), rerun)
         specs = {d.run.name: validated_spec(d.run, tgt.workdir, d.attempt, trackers, code)
                  for d in decisions if d.start}
+        refused = [(d.run.name, checks[d.run.name][1]) for d in decisions if d.start and checks[d.run.name][1]]
+        if refused and not force and not dry_run:
+            raise OpsError(preflight.refusal(refused, target))
+        decisions = disk_check.refuse_what_does_not_fit(tgt, decisions, specs, disk)
         waits = {d.run.name: _check_after(store, tgt, after + _sources(store, ph, d.run))
                  for d in decisions if d.start}
         if dry_run:
             return [_dry_run_plan(tgt, d, specs.get(d.run.name), waits.get(d.run.name, []), code, *checks[d.run.name])
                     for d in decisions]
         to_start = [d for d in decisions if d.start]
-        refused = [(d.run.name, checks[d.run.name][1]) for d in to_start if checks[d.run.name][1]]
-        if refused and not force:
-            raise OpsError(preflight.refusal(refused, target))
         for d in to_start:
             store.upsert_run({"name": d.run.name, "matrix": m.name, "phase": d.run.phase, "config": d.run.config,
                               "seed": d.run.seed, "target": target, "attempt": d.attempt, "state": states.QUEUED,
@@ -86,6 +90,11 @@ def launch(store: Store, phase: str, configs: list[str] | None = None, seeds: li
         _end_unhanded(store, [n for n in names if n not in handed], e, target)
         raise
     return out
+
+
+def _existing(store: Store, planned: list[catalog.PlannedRun]) -> dict[str, dict]:
+    rows = {p.name: store.get_run(p.name) for p in planned}
+    return {k: v for k, v in rows.items() if v}
 
 
 def validated_spec(run: catalog.PlannedRun, workdir: str, attempt: int, trackers=(),
@@ -162,9 +171,11 @@ def _set_state(store: Store, runs: list[str], state: str, reason: str) -> None:
 
 
 def submit_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool,
-               after: list[str] | None = None, files: dict[str, str] | None = None) -> dict:
+               after: list[str] | None = None, files: dict[str, str] | None = None,
+               keep_row_on_error: bool = False) -> dict:
     """Write the spec (and `files`: name -> text, into the run directory) and submit the run; a failure
-    marks only this run failed."""
+    marks only this run failed. `keep_row_on_error` (resume): the run's row stays as it was (the ended
+    attempt is not rewritten) and the error is raised instead, as one line."""
     row = store.require_run(run)
     spec = {**row["spec"], "attempt": attempt}
     try:
@@ -176,6 +187,8 @@ def submit_one(store: Store, tgt: Target, run: str, attempt: int, fresh: bool,
         gpus = (1 if "downstream" in spec else planning.procs_per_run(tgt.config)) if tgt.gpus else None
         sub = tgt.submit(run, tgt.command(run, spec), attempt, gpus=gpus, after=after or [])
     except OpsError as e:
+        if keep_row_on_error:
+            raise type(e)(f"{run} not resumed: {e}") from None
         store.update_run(run, state=states.FAILED, reason=f"start failed: {e}", ended_at=time.time())
         return {"run": run, "started": False, "reason": str(e)}
     fields = {"attempt": attempt, "spec": spec, "pid": sub.pid, "job_id": sub.job_id, "ended_at": None,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from opskit import states
 from opskit.errors import OpsError, TargetUnreachable
+from opskit.operations import staging as staging_area
 from opskit.operations.launch import Notify, quiet
 from opskit.operations.targets import get_target
 from opskit.results.artifacts import RAW_DIR, run_path
@@ -40,31 +41,36 @@ def _pull_one(store: Store, r: dict, results_dir: str, on_event: Notify) -> dict
     tgt = get_target(store, r["target"])
     files, as_of = tgt.manifest_at(r["name"])
     dest = run_path(Path(results_dir) / RAW_DIR, r["phase"], r["config"], r["seed"])
-    dest.mkdir(parents=True, exist_ok=True)
-    wanted = [f for f in files if _needs_fetch(dest / f["path"], f)]
+    staging = staging_area.begin(dest)  # dest and its manifest change together, at the end, or not at all
+    wanted = [f for f in files if _needs_fetch(staging / f["path"], f)]
     if wanted:
-        tgt.fetch(r["name"], [f["path"] for f in wanted], dest)
+        tgt.fetch(r["name"], [f["path"] for f in wanted], staging)
     recorded = []
     for f in files:
-        got = sha256(dest / f["path"])
+        got = sha256(staging / f["path"])
+        if got is None:
+            raise OpsError(f"{r['name']}: {f['path']} did not arrive")
         if got != f["sha256"]:  # the file changed between manifest and copy (a live log): record what we have
-            f = {**f, "sha256": got, "size": (dest / f["path"]).stat().st_size}
-        store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
+            f = {**f, "sha256": got, "size": (staging / f["path"]).stat().st_size}
         recorded.append(f)
     previous_attempt, previous = _previously_pulled(dest)
     missing = [f for f in previous if f["path"] not in {g["path"] for g in files}]
     gone, kept = [], []
     for f in missing:
         if previous_attempt != r["attempt"]:  # superseded by a new attempt (a rerun started afresh)
-            (dest / f["path"]).unlink(missing_ok=True)
+            (staging / f["path"]).unlink(missing_ok=True)
             gone.append(f["path"])
-        elif (dest / f["path"]).exists():  # same attempt, gone from the box (cleaned up): ours to keep
+        elif (staging / f["path"]).exists():  # same attempt, gone from the box (cleaned up): ours to keep
             kept.append(f)
-    store.forget_artifacts(r["name"], gone)
     manifest = {"run": r["name"], "target": r["target"], "attempt": r["attempt"], "state": r["state"],
                 "files": recorded + kept}
     if manifest != _without_time(_read_manifest(dest)):  # unchanged: results/ shows no diff
-        C.atomic_write_json(dest / MANIFEST, {**manifest, "pulled_at": time.time()})
+        C.atomic_write_json(staging / MANIFEST, {**manifest, "pulled_at": time.time()})
+    staging_area.commit(staging, dest)
+    with store.transaction():
+        for f in recorded:
+            store.record_artifact(r["name"], f["path"], f["size"], f["sha256"])
+        store.forget_artifacts(r["name"], gone)
     marked = _mark_pulled(tgt, r, as_of)
     removed = f", {len(gone)} of an earlier attempt removed" if gone else ""
     if wanted or gone:

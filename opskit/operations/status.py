@@ -22,11 +22,13 @@ STATUS_COLUMNS = ("name", "phase", "config", "seed", "target", "attempt", "state
 
 
 def refresh(store: Store, phase: str | None = None, runs: list[str] | None = None,
-            sel: Selection | None = None) -> dict[str, str | None]:
+            sel: Selection | None = None, notes: dict[str, list[str]] | None = None) -> dict[str, str | None]:
     """Observe every unfinished run (of `phase`, of the selection's phases and targets, or the named
-    `runs`) on its target and store derived states; ended runs are never looked at again.
+    `runs`) on its target and store derived states; ended runs are never looked at again. A run
+    another command changed meanwhile (a launch, a cancel) keeps what that command wrote.
 
-    Returns {target: None if it answered, else the reason it did not}."""
+    Returns {target: None if it answered, else the reason it did not}; `notes` collects, per target,
+    what `status` shows beside the table (low disk, a bad queue config, torn queue entries)."""
     if runs:
         rows = [r for r in (store.require_run(r) for r in runs) if r["state"] not in states.ENDED or r["stale"]]
     else:
@@ -70,8 +72,30 @@ def refresh(store: Store, phase: str | None = None, runs: list[str] | None = Non
                 continue
             state, reason, fields = states.next_state(r, observations[r["name"]], queue_fields=Q.queue_fields(
                 queue, r["name"], r["attempt"]), now=time.time(), **rules)
-            store.update_run(r["name"], state=state, reason=reason, **fields)
+            with store.transaction():
+                now_row = store.get_run(r["name"])
+                if now_row and (now_row["state"], now_row["attempt"]) == (r["state"], r["attempt"]):
+                    store.update_run(r["name"], state=state, reason=reason, **fields)
+        if notes is not None and error is None:
+            notes[name] = target_notes(observations, queue)
     return health
+
+
+def target_notes(observations: dict, queue: dict | None) -> list[str]:
+    """One line each: the target's disk when low, its queue's config problem, torn queue entries."""
+    out = []
+    disk = next((o.disk for o in observations.values() if o.disk), None)
+    if states.disk_low(disk):
+        out.append(f"low disk: {disk['free_bytes'] / 1e6:,.0f} MB free on {disk['where']}")
+    queue = queue or {}
+    if queue.get("config_error"):
+        out.append(queue["config_error"])
+    broken = queue.get("broken") or []
+    if broken:
+        out.append(f"{len(broken)} torn queue entry file(s) moved to queue/broken/ ("
+                   + ", ".join(f"{b['file']}: {b.get('run') or 'run unreadable'}" for b in broken[:3])
+                   + "); their runs do not start: launch them again, then delete the files")
+    return out
 
 
 def status_view(store: Store, sel: Selection = Selection(), recent: int = RECENT_ENDED,

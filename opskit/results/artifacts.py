@@ -34,6 +34,7 @@ class RunArtifacts:
     passkey: dict | None = None
     loss_curve: list[dict] = field(default_factory=list)
     store_state: str | None = None  # the store's view of the run (its state now, pulled or not)
+    warnings: list[str] = field(default_factory=list)  # what was skipped while reading it
 
     @property
     def name(self) -> str:
@@ -76,21 +77,25 @@ def _read_json(path: Path):
         raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def read_loss_curve(path: Path) -> list[dict]:
-    """Lines of loss_curve.jsonl; a torn last line (a run still writing) is dropped."""
+def read_loss_curve(path: Path, warnings: list[str] | None = None) -> list[dict]:
+    """Lines of loss_curve.jsonl. A line that is not a JSON object is skipped and named in `warnings`
+    (a torn last line of a run still writing is dropped silently): one bad line costs that point only."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     points = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            points.append(json.loads(line))
+            point = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ArtifactError(f"{path}:{i + 1}: not valid JSON") from None
+            point = None
+        if isinstance(point, dict) and all(isinstance(point.get(k), (int, float)) and not isinstance(point[k], bool)
+                                           for k in ("tokens", "loss")):
+            points.append(point)
+        elif i < len(lines) - 1 and warnings is not None:
+            warnings.append(f"{path}:{i + 1}: skipped, not a loss-curve point: {line[:60]!r}")
     return points
 
 
@@ -101,6 +106,7 @@ def _seed_of(dirname: str) -> int | None:
 
 
 def read_run(path: Path, phase: str, config: str, seed: int) -> RunArtifacts:
+    warnings: list[str] = []
     return RunArtifacts(
         phase=phase, config=config, seed=seed, path=path,
         results=_read_json(path / contract.RESULTS),
@@ -109,7 +115,8 @@ def read_run(path: Path, phase: str, config: str, seed: int) -> RunArtifacts:
         eval_per_length=_read_json(path / contract.EVAL_PER_LENGTH),
         downstream=_read_json(path / DOWNSTREAM),
         passkey=_read_json(path / PASSKEY),
-        loss_curve=read_loss_curve(path / contract.LOSS_CURVE),
+        loss_curve=read_loss_curve(path / contract.LOSS_CURVE, warnings),
+        warnings=warnings,
     )
 
 

@@ -25,11 +25,17 @@ class ReportOutput:
     tables: dict[str, Path]
     figures: list[FigureResult]
 
+    @property
+    def warnings(self) -> list[str]:
+        """What was skipped while reading the pulled runs (one bad loss-curve line, ...)."""
+        return [w for r in self.report.runs for w in r.warnings]
+
     def to_json(self) -> dict:
         from opskit.results.aggregate import run_rows, summary_rows
 
         return {"summary": summary_rows(self.report), "runs": run_rows(self.report),
                 "missing_or_failed": [{"run": r.name, "state": r.state} for r in self.report.not_done],
+                "warnings": self.warnings,
                 "tables": {k: str(v) for k, v in self.tables.items()},
                 "figures": [{"name": f.name, "path": str(f.path) if f.path else None, "note": f.note} for f in self.figures]}
 

@@ -13,8 +13,8 @@ from typing import Iterator
 
 from opskit import planning
 from opskit import queue as Q
-from opskit.errors import CannotRun, OpsError, TargetUnreachable
-from opskit.states import Observation, observed
+from opskit.errors import CannotRun, NoSpace, OpsError, TargetUnreachable
+from opskit.states import Observation, free_space, observed
 from opskit.transport import Shell, quote, rsync, shell_for
 from train import contract as C
 
@@ -101,13 +101,16 @@ class Target:
         if res.exit_code == 0:
             return res.stdout
         detail = (res.stdout + res.stderr).strip()
-        said = _agent_error(detail)
-        if said:  # the agent's own one-line refusal (an input mistake, a run not in the queue)
-            raise OpsError(f"target {self.name}: {said}")
         if "remote/agent.py" in detail and "No such file" in detail:
             raise OpsError(f"target {self.name}: opskit's code is not on the box yet; "
                            f"run `opskit targets prepare {self.name}`")
-        raise OpsError(f"target {self.name}: agent {args[0]} failed (exit {res.exit_code}): {detail[-500:]}")
+        said = _agent_error(detail)
+        if said is not None:  # the agent's own one-line answer (an input mistake, a run not in the queue)
+            if said.get("no_space"):
+                raise NoSpace(f"no space left on device {free_space(self.disk(said.get('disk')))}")
+            raise OpsError(f"target {self.name}: {said['error']}")
+        last = detail.splitlines()[-1][-300:] if detail else "no output"
+        raise OpsError(f"target {self.name}: agent {args[0]} failed (exit {res.exit_code}): {last}")
 
     def agent_json(self, args: list[str], stdin: str | None = None, timeout: float = 60) -> dict:
         out = self.agent(args, stdin=stdin, timeout=timeout)
@@ -251,7 +254,12 @@ class Target:
         if not runs:
             return {}, None
         answer = self.agent_json(["observe", "--workdir", self.workdir, "--queue", *runs])
-        return {run: observed(o, answer["now"]) for run, o in answer["runs"].items()}, answer["queue"]
+        disk = self.disk(answer.get("disk"))
+        return {run: observed(o, answer["now"], disk) for run, o in answer["runs"].items()}, answer["queue"]
+
+    def disk(self, facts: dict | None) -> dict | None:
+        """The agent's disk facts of the workdir, named `<target>:<workdir>` for messages."""
+        return {**facts, "where": f"{self.name}:{facts['path']}"} if facts else None
 
     def signal(self, run: str, sig: str = "TERM") -> dict:
         return self.agent_json(["signal", "--workdir", self.workdir, "--run", run, "--sig", sig])
@@ -332,10 +340,11 @@ class Target:
         return self.agent_json(["queue-move", "--workdir", self.workdir, "--run", run, "--top"])
 
 
-def _agent_error(detail: str) -> str | None:
-    """The message of the agent's `{"error": ...}` answer (its last line), if that is what it said."""
+def _agent_error(detail: str) -> dict | None:
+    """{"error": ...} when the agent's last line says what went wrong (as JSON), else None."""
+    lines = detail.splitlines()
     try:
-        answer = json.loads(detail.splitlines()[-1])
-    except (ValueError, IndexError):
+        said = json.loads(lines[-1]) if lines else None
+    except ValueError:
         return None
-    return answer.get("error") if isinstance(answer, dict) and isinstance(answer.get("error"), str) else None
+    return said if isinstance(said, dict) and isinstance(said.get("error"), str) else None

@@ -140,6 +140,9 @@ class Mux:
         if code == SSH_EXIT and any(word in err for word in _LOST):
             self.forget()
             raise TargetUnreachable(f"{self.label}: connection lost during command: {_last_line(err)}")
+        if code == SSH_EXIT and any(word in _last_line(err) for word in _MEANINGFUL):  # the master had gone
+            self.forget()  # and ssh could not connect on its own either (refused, no banner, ...)
+            raise unreachable(self.label, err)
         return Result(code, out, _without_notes(err))
 
     def _run_lines(self, command: str, stdin: str | None, timeout: float,

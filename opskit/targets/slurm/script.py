@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from submitit.slurm.slurm import _make_sbatch_string
 
 from opskit import planning
-from opskit.states import Observation
+from opskit.states import Observation, heartbeat_fields
 from train import contract as C
 
 JOB_SCRIPT = "remote/slurm_job.sh"  # relative to the code dir on the cluster
@@ -144,21 +144,23 @@ def parse_sacct(text: str) -> dict[str, SlurmJob]:
     return out
 
 
-def observation(files: dict, job: SlurmJob | None, now: float, log_tail: str | None = None) -> Observation:
+def observation(files: dict, job: SlurmJob | None, now: float, log_tail: str | None = None,
+                disk: dict | None = None) -> Observation:
     """One run's Observation from its run directory (agent observe) and its SLURM job.
 
     While SLURM holds the job (waiting or running) a leftover exit_code belongs to an incarnation that
     is being requeued and is ignored; once the job ended, the run directory decides, with SLURM's state
     for what the files cannot tell (cancelled, timed out, node failure)."""
+    hb = {**heartbeat_fields(files), "disk": disk}
     if job is None:  # submitted, but not in accounting yet (slurmdbd lags a second or two)
-        return Observation(status=files["status"], exit_code=None, alive=False, now=now, started=False,
+        return Observation(**hb, exit_code=None, alive=False, now=now, started=False,
                            scheduler_state="PENDING")
     if job.state in WAITING:
-        return Observation(status=files["status"], exit_code=None, alive=False, now=now, started=False,
+        return Observation(**hb, exit_code=None, alive=False, now=now, started=False,
                            scheduler_state=job.state, restarts=job.restarts)
     if job.state in RUNNING:
-        return Observation(status=files["status"], exit_code=None, alive=True, now=now, started=True,
+        return Observation(**hb, exit_code=None, alive=True, now=now, started=True,
                            scheduler_state=job.state, restarts=job.restarts)
     exit_code = files["exit_code"] if files["exit_code"] is not None else job.exit_code
-    return Observation(status=files["status"], exit_code=exit_code, alive=False, now=now, started=True,
+    return Observation(**hb, exit_code=exit_code, alive=False, now=now, started=True,
                        scheduler_state=job.state, restarts=job.restarts, log_tail=log_tail)

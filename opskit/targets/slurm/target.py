@@ -175,7 +175,7 @@ class SlurmTarget(Target):
                 tail = self.log_tail(run)
             elif job is not None and job.state == "COMPLETED" and answer["runs"][run]["exit_code"]:
                 tail = self.log_tail(run)
-            out[run] = S.observation(answer["runs"][run], job, answer["now"], tail)
+            out[run] = S.observation(answer["runs"][run], job, answer["now"], tail, self.disk(answer.get("disk")))
         return out, None
 
     def log_tail(self, run: str, lines: int = LOG_TAIL_LINES) -> str:
