@@ -218,7 +218,11 @@ class Store:
         return self._version()
 
     def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict]:
-        return [dict(r) for r in self.conn.execute(sql, list(args))]
+        cur = self.conn.cursor()
+        cur.row_factory = None  # plain tuples zipped with the column names: twice as fast as sqlite3.Row
+        cur.execute(sql, list(args))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
 
     def count(self, table: str) -> int:
         if table not in ("runs", "events", "artifacts", "targets", "gates", "box_records"):
@@ -276,31 +280,30 @@ class Store:
     def list_runs(self, phase: str | None = None, target: str | None = None, states: tuple[str, ...] = ()) -> list[dict]:
         return self.select_runs(phases=[phase] if phase else (), targets=[target] if target else (), states=states)
 
-    def select_runs(self, phases: Iterable[str] = (), targets: Iterable[str] = (), states: Iterable[str] = (),
-                    since: float | None = None, unfinished: bool = False, names: Iterable[str] = (),
-                    columns: Iterable[str] | None = None, order: str = "created_at, name",
-                    limit: int | None = None) -> list[dict]:
-        """Runs matching every given filter, in SQL. `unfinished`: not ended, or ended but stale
-        (its target was unreachable when it was last looked at). `since`: updated at or after."""
-        where, args = _filters(phases, targets, states, since, names)
-        if unfinished:
-            where.append(f"(state IN ({_marks(UNFINISHED)}) OR stale = 1)")
-            args.extend(UNFINISHED)
+    def select_runs(self, columns: Iterable[str] | None = None, **selection: Any) -> list[dict]:
+        """Runs matching every filter of the selection (`_selection`), in SQL; `columns`: only these."""
+        where, args, tail = _selection(**selection)
         cols = "*" if columns is None else _names(columns)
-        sql = f"SELECT {cols} FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {order}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return [_run_row(r) for r in self._rows(sql, args)]
+        return [_run_row(r) for r in self._rows(f"SELECT {cols} FROM runs{where}{tail}", args)]
 
-    def recent_ended(self, limit: int, phases: Iterable[str] = (), targets: Iterable[str] = (),
-                     since: float | None = None, columns: Iterable[str] | None = None) -> list[dict]:
-        """The `limit` runs that ended last (and are not stale), newest first."""
-        where, args = _filters(phases, targets, ENDED_STATES, since, ())
-        where.append("stale = 0")
-        cols = "*" if columns is None else _names(columns)
-        sql = (f"SELECT {cols} FROM runs WHERE {' AND '.join(where)} "
-               f"ORDER BY ended_at IS NULL, ended_at DESC, updated_at DESC LIMIT {int(limit)}")
-        return [_run_row(r) for r in self._rows(sql, args)]
+    def select_fields(self, fields: dict[str, str], **selection: Any) -> list[dict]:
+        """{key: value of its SQL expression over the run} for each selected run (`_selection`)."""
+        where, args, tail = _selection(**selection)
+        exprs = ", ".join(f'{sql} AS "{key}"' for key, sql in fields.items())
+        return self._rows(f"SELECT {exprs} FROM runs{where}{tail}", args)
+
+    def select_fields_json(self, fields: dict[str, str], booleans: Iterable[str] = (),
+                           **selection: Any) -> list[tuple[str, str]]:
+        """(state, the fields as one JSON object written by SQLite) for each selected run: no Python
+        object per value, so `status --json` of 100k runs stays fast. `booleans`: fields that are
+        true/false in the JSON (SQLite has no boolean type)."""
+        where, args, tail = _selection(**selection)
+        booleans = set(booleans)
+        pairs = ", ".join(f"'{key}', " + (f"json(CASE WHEN {sql} THEN 'true' ELSE 'false' END)" if key in booleans
+                                          else sql) for key, sql in fields.items())
+        cur = self.conn.cursor()
+        cur.row_factory = None
+        return cur.execute(f"SELECT state, json_object({pairs}) FROM runs{where}{tail}", args).fetchall()
 
     def state_counts(self, phases: Iterable[str] = (), targets: Iterable[str] = (), states: Iterable[str] = (),
                      since: float | None = None) -> dict[str, dict[str, int]]:
@@ -433,6 +436,26 @@ def _names(columns, suffix: str = "") -> str:
 
 def _marks(values) -> str:
     return ",".join("?" * len(values))
+
+
+def _selection(phases: Iterable[str] = (), targets: Iterable[str] = (), states: Iterable[str] = (),
+               since: float | None = None, names: Iterable[str] = (), unfinished: bool = False,
+               recently_ended: int | None = None) -> tuple[str, list, str]:
+    """WHERE clause, its arguments, and ORDER BY (and LIMIT) of a selection of runs: every given filter
+    holds. `unfinished`: not ended, or ended but stale (its target was unreachable when it was last
+    looked at). `since`: updated at or after. `recently_ended`: the N runs that ended last (not
+    stale), newest first; else in launch order."""
+    if recently_ended is not None:
+        states = ENDED_STATES
+    where, args = _filters(phases, targets, states, since, names)
+    tail = " ORDER BY created_at, name"
+    if unfinished:
+        where.append(f"(state IN ({_marks(UNFINISHED)}) OR stale = 1)")
+        args.extend(UNFINISHED)
+    if recently_ended is not None:
+        where.append("stale = 0")
+        tail = f" ORDER BY ended_at IS NULL, ended_at DESC, updated_at DESC LIMIT {int(recently_ended)}"
+    return (" WHERE " + " AND ".join(where) if where else ""), args, tail
 
 
 def _filters(phases, targets, states, since, names) -> tuple[list[str], list]:

@@ -3,6 +3,7 @@ consoles and tables, and number formats."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Callable
 
@@ -15,11 +16,10 @@ def print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=1, default=str))
 
 
-def print_json_rows(rows: list[dict]) -> None:
-    """A JSON list, one row per line: as readable as indented JSON, and fast for 100k rows (the C
-    encoder; an indented dump is Python code)."""
-    encode = json.JSONEncoder(default=str).encode
-    typer.echo("[\n" + ",\n".join(encode(r) for r in rows) + "\n]" if rows else "[]")
+def print_json_lines(objects: list[str]) -> None:
+    """A JSON list of already encoded objects, one per line: as readable as indented JSON, and fast
+    for 100k rows (`status --json`: SQLite writes each object)."""
+    sys.stdout.write(("[\n" + ",\n".join(objects) + "\n]" if objects else "[]") + "\n")
 
 
 def emit(result, as_json: bool, human: Callable) -> None:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from opskit.cli.app import app, open_store, store_exists
-from opskit.cli.output import console, fmt_age, fmt_duration, fmt_money, fmt_num, print_json_rows
+from opskit.cli.output import console, fmt_age, fmt_duration, fmt_money, fmt_num, print_json_lines
 
 REASON_WIDTH = 60
 SHOW_REASON = ("failed", "lost", "stalled", "cancelled")
@@ -46,7 +46,7 @@ def status(
     if not store_exists():  # a fresh project: nothing to show, and nothing is created by looking
         hint = "no run store here or in a folder above (no state.db): `opskit launch demo` creates ./state.db"
         if as_json:
-            print_json_rows([])
+            print_json_lines([])
         typer.echo(hint, err=as_json)
         return
     with open_store() as store:
@@ -55,13 +55,13 @@ def status(
             return _watch(store, sel, None, until_ended=False, interval=interval)
         notes: dict[str, list[str]] = {}
         health = operations.refresh(store, sel=sel, notes=notes)
-        view = operations.status_view(store, sel, capped=False if as_json else None)
-        boxes = [] if as_json else operations.box_views(store)
-    if as_json:  # the table's caption lines go to stderr, where a script's stdout stays JSON
-        print_json_rows(view["runs"])
-        for line in caption_notes(health, notes):
-            typer.echo(line, err=True)
-        return
+        if as_json:  # every selected run; the table's caption lines go to stderr, stdout stays JSON
+            print_json_lines(operations.status_json(store, sel))
+            for line in caption_notes(health, notes):
+                typer.echo(line, err=True)
+            return
+        view = operations.status_view(store, sel)
+        boxes = operations.box_views(store)
     out = console()
     out.print(status_table(view["runs"], health, boxes, notes))
     for line in summary_lines(view):
@@ -92,7 +92,7 @@ def status_table(rows: list[dict], health: dict, boxes: list[dict] = (), notes: 
             state += f" #{r['queue_pos']}" + (f" (starts ~{fmt_duration(r['starts_in_s'])})"
                                               if r.get("starts_in_s") is not None else "")
         c = colours.get(r["state"], "white")
-        step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else (str(r["step"]) if r["step"] else "-")
+        step = f"{r['step'] or 0}/{r['total_steps']}" if r["total_steps"] else (str(r["step"]) if r["step"] else "-")
         cache = fmt_num(r["cache_bytes"], "B") if r["cache_bytes"] else "-"
         table.add_row(r["run"], r["target"], str(r["attempt"]), f"[{c}]{state}[/{c}]", step,
                       f"{r['loss']:.3f}" if r["loss"] is not None else "-", fmt_num(r["tokens_per_s"]),

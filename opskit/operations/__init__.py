@@ -22,7 +22,7 @@ _MODULES = {
     "export": ("export_run",),
     "launch": ("launch", "submit_one"),
     "pull": ("pull",),
-    "status": ("refresh", "status_of", "status_rows", "status_view"),
+    "status": ("refresh", "status_json", "status_of", "status_rows", "status_view"),
     "targets": ("add_target", "check_target", "get_target", "list_targets", "local_target_record",
                 "prepare_target", "remove_target"),
 }

@@ -3,6 +3,7 @@ state machine (opskit/states.py) derives, and the rows `opskit status` shows. Bo
 history that is not shown costs nothing (opskit/operations/selection.py says what is shown)."""
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,11 +15,20 @@ from opskit.operations.targets import get_target, local_target_record
 from opskit.store import Store
 from opskit.targets import Target
 
-# What a status row is made of (never the spec: it is large and status does not show it).
-STATUS_COLUMNS = ("name", "phase", "config", "seed", "target", "attempt", "state", "stale", "step", "total_steps",
-                  "loss", "tokens_per_s", "eta_s", "cache_bytes", "cache_tokens", "created_at", "updated_at",
-                  "started_at", "ended_at", "heartbeat_at", "message", "reason", "exit_code", "job_id", "queue_pos",
-                  "gpus", "gpu_util", "gpu_mem_mb", "gpu_power_w")
+# A status row (`status --json`, what scripts rely on): each key and the SQL that reads it from the
+# runs table. status_rows builds dicts from it; status_json lets SQLite write the JSON itself, so 100k
+# rows cost no Python object each. `starts_in_s` (queued runs only) is computed here, not stored.
+STATUS_FIELDS = {
+    "run": "name", "phase": "phase", "config": "config", "seed": "seed", "target": "target", "attempt": "attempt",
+    "state": "state", "stale": "stale = 1", "reason": "reason", "step": "step", "total_steps": "total_steps",
+    "loss": "loss", "tokens_per_s": "tokens_per_s", "eta_s": "eta_s", "cache_bytes": "cache_bytes",
+    "cache_tokens": "cache_tokens", "created_at": "created_at", "updated_at": "updated_at",
+    "heartbeat_at": "heartbeat_at", "started_at": "started_at", "ended_at": "ended_at", "message": "message",
+    "exit_code": "exit_code", "job_id": "job_id", "queue_pos": f"CASE WHEN state = '{states.QUEUED}' THEN queue_pos END",
+    "gpus": "gpus", "starts_in_s": "NULL", "gpu_util": "gpu_util", "gpu_mem_mb": "gpu_mem_mb",
+    "gpu_power_w": "gpu_power_w",
+}
+BOOLEAN_FIELDS = ("stale",)
 
 
 def refresh(store: Store, phase: str | None = None, runs: list[str] | None = None,
@@ -107,34 +117,43 @@ def status_view(store: Store, sel: Selection = Selection(), recent: int = RECENT
     capped = sel.capped if capped is None else capped
     filters = {"phases": sel.phases, "targets": sel.targets, "since": sel.since}
     if capped:
-        rows = store.select_runs(**filters, unfinished=True, columns=STATUS_COLUMNS)
-        rows += store.recent_ended(recent, **filters, columns=STATUS_COLUMNS)
-        rows.sort(key=lambda r: (r["created_at"] or 0, r["name"]))
+        rows = store.select_fields(STATUS_FIELDS, **filters, unfinished=True)
+        rows += store.select_fields(STATUS_FIELDS, **filters, recently_ended=recent)
+        rows.sort(key=lambda r: (r["created_at"] or 0, r["run"]))
     else:
-        rows = store.select_runs(**filters, states=sel.states, columns=STATUS_COLUMNS)
+        rows = store.select_fields(STATUS_FIELDS, **filters, states=sel.states)
     counts = store.state_counts(**filters, states=sel.states)
     total = sum(n for per_state in counts.values() for n in per_state.values())
     return {"runs": status_rows(store, rows), "counts": counts, "total": total, "hidden": total - len(rows),
             "capped": capped}
 
 
+def status_json(store: Store, sel: Selection = Selection()) -> list[str]:
+    """Every selected run's status row as a JSON object, written by SQLite (`status --json`)."""
+    filters = {"phases": sel.phases, "targets": sel.targets, "since": sel.since, "states": sel.states}
+    rows = store.select_fields_json(STATUS_FIELDS, BOOLEAN_FIELDS, **filters)
+    queued = [i for i, (state, _) in enumerate(rows) if state == states.QUEUED]
+    out = [text for _, text in rows]
+    if queued:  # the few rows with an estimated start: through Python
+        parsed = [json.loads(out[i]) for i in queued]
+        for i, row in zip(queued, status_rows(store, parsed)):
+            out[i] = json.dumps(row, separators=(",", ":"))
+    return out
+
+
 def status_of(store: Store, runs: list[str]) -> list[dict]:
     """Status rows of the named runs (launch --wait)."""
-    return status_rows(store, store.select_runs(names=runs, columns=STATUS_COLUMNS))
+    return status_rows(store, store.select_fields(STATUS_FIELDS, names=runs))
 
 
 def status_rows(store: Store, rows: list[dict]) -> list[dict]:
-    """Rows for `status` (and scripts: `status --json`) from the store's rows."""
+    """Status rows (STATUS_FIELDS' keys) with their booleans and the queued runs' estimated starts."""
     starts = _estimated_starts(store, {r["target"] for r in rows if r["state"] == states.QUEUED})
-    return [{"run": r["name"], "phase": r["phase"], "config": r["config"], "seed": r["seed"],
-             "target": r["target"], "attempt": r["attempt"], "state": r["state"], "stale": r["stale"],
-             "reason": r["reason"], "step": r["step"], "total_steps": r["total_steps"], "loss": r["loss"],
-             "tokens_per_s": r["tokens_per_s"], "eta_s": r["eta_s"], "cache_bytes": r["cache_bytes"],
-             "cache_tokens": r["cache_tokens"], "updated_at": r["updated_at"], "heartbeat_at": r["heartbeat_at"],
-             "ended_at": r["ended_at"], "message": r["message"], "exit_code": r["exit_code"], "job_id": r["job_id"],
-             "queue_pos": r["queue_pos"] if r["state"] == states.QUEUED else None, "gpus": r["gpus"],
-             "starts_in_s": starts.get(r["name"]), "gpu_util": r["gpu_util"], "gpu_mem_mb": r["gpu_mem_mb"],
-             "gpu_power_w": r["gpu_power_w"]} for r in rows]
+    for r in rows:
+        r["stale"] = bool(r["stale"])
+        if r["state"] == states.QUEUED:
+            r["starts_in_s"] = starts.get(r["run"])
+    return rows
 
 
 def _estimated_starts(store: Store, targets: set[str]) -> dict[str, float | None]:
