@@ -98,15 +98,10 @@ class Store:
         self.path = Path(path)
         self.notes: list[str] = []
         store_path.check_file(store_path.StoreChoice(self.path, "path"), create)
-        self.created = not self.path.exists()
         conn = None
         try:
-            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn = conn
+            self.created = not self.path.exists() and self._create()
+            self.conn = conn = self._connect(self.path)
             self._migrate()
             self._run_columns = {r["name"] for r in conn.execute('PRAGMA table_info("runs")')}
             self._check_identity(adopt)
@@ -118,6 +113,39 @@ class Store:
             if conn is not None:
                 conn.close()
             raise
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _create(self) -> bool:
+        """Make the store whole beside its place, then link it there: a command that looks meanwhile
+        (`status` while the first `launch` starts) never finds an empty file. False if another
+        command created it first."""
+        new = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        new.unlink(missing_ok=True)
+        try:
+            self.conn = self._connect(new)
+            try:
+                self._migrate()
+            finally:
+                self.conn.close()  # the last connection: SQLite folds its WAL into the file
+            try:
+                os.link(new, self.path)
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links
+                if self.path.exists():
+                    return False
+                os.replace(new, self.path)
+            return True
+        finally:
+            new.unlink(missing_ok=True)
 
     def __enter__(self) -> "Store":
         return self

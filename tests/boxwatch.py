@@ -14,6 +14,8 @@ from pathlib import Path
 
 from opskit import states
 from opskit.store import Store
+from test_queue import wait_until  # noqa: F401  (the box-watch tests use it through this module)
+from test_queue_e2e import max_overlap
 from train import contract as C
 
 # A stand-in run: its GPUs and start/end times into its run directory, a heartbeat of its own attempt.
@@ -99,15 +101,6 @@ def spans(workdir: Path, runs: list[str]) -> dict[str, tuple[float, float, str]]
     return out
 
 
-def max_overlap(intervals) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
-    now = best = 0
-    for _, step in events:
-        now += step
-        best = max(best, now)
-    return best
-
-
 def assert_packed_two_at_a_time(workdir: Path, runs: list[str]) -> dict:
     s = spans(workdir, runs)
     assert max_overlap([(a, b) for a, b, _ in s.values()]) == 2
@@ -117,16 +110,6 @@ def assert_packed_two_at_a_time(workdir: Path, runs: list[str]) -> dict:
                 assert s[a][2] != s[b][2], f"{a} and {b} shared GPU {s[a][2]}"
     assert {cvd for _, _, cvd in s.values()} == {"0", "1"}
     return s
-
-
-def wait_until(pred, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop_supervisor(workdir: Path) -> None:

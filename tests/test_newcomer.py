@@ -176,8 +176,9 @@ def test_an_ssh_port_without_a_banner_is_one_line_and_a_failure(cli, silent_port
     key = cli.tmp / "id_test"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     assert cli("targets", "add", "mute", "--ssh", f"root@127.0.0.1:{silent_port}", "--key", str(key)).returncode == 0
-    one_line_error(cli("targets", "check", "mute"), "target mute", "unreachable", "banner")
-    one_line_error(cli("queue", "mute"), "target mute", "unreachable", "banner")
+    for out in (cli("targets", "check", "mute"), cli("queue", "mute")):
+        one_line_error(out, "target mute", "unreachable", "banner")
+        assert out.returncode == 4  # EXIT_UNREACHABLE
     # without OpenSSH's shared connections (the paramiko pool): the same one line, no traceback
     one_line_error(cli("targets", "check", "mute", extra_env={"OPSKIT_SSH_MUX": "0"}), "target mute", "banner")
 

@@ -40,7 +40,7 @@ def enqueue(workdir: Path, run: str, config: dict, sleep: float = 1.0, code: int
     return agent(workdir, "enqueue", stdin=json.dumps({"entry": entry, "config": config}))
 
 
-def wait_until(predicate, timeout: float = 40.0, what: str = "condition"):
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

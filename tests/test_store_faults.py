@@ -144,3 +144,20 @@ def test_a_moved_store_follows_itself(tmp_path):
     local = next(t for t in json.loads(moved.stdout) if t["name"] == "local")
     assert local["config"]["workdir"] == str(after / ".opskit" / "local")
     assert "note:" not in cli(after, "targets", "list").stderr  # said once
+
+
+def test_a_store_being_created_is_never_seen_half_made(tmp_path):
+    """`status` while the first `launch` creates the store: either no store yet, or the whole store;
+    never an empty file taken for a broken one."""
+    for i in range(8):
+        db = tmp_path / f"s{i}.db"
+        creator = subprocess.Popen([sys.executable, "-c", f"from opskit.store import Store; Store({str(db)!r})"])
+        lookers = [subprocess.Popen([sys.executable, "-m", "opskit.cli", "--state", str(db), "status", "--json"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                   for _ in range(2)]
+        assert creator.wait(timeout=60) == 0
+        for p in lookers:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and json.loads(out) == [] or "no run store at" in err, (out, err)
+        assert Store(db, create=False).count("runs") == 0
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")] == []

@@ -10,7 +10,7 @@ import typer
 from opskit.cli.app import app, open_store, runs_app
 from opskit.cli.output import JSON, console, emit, fmt_age, fmt_num, for_humans
 from opskit.cli.status import watch_runs
-from opskit.errors import Incomplete, OpsError
+from opskit.errors import EXIT_UNREACHABLE, Incomplete, OpsError
 
 
 @app.command()
@@ -241,7 +241,7 @@ def queue(
         result = operations.queue_view(store, words[0] if words else None)
     emit(result, as_json, _print_queues)
     if any(q.get("error") for q in result):  # a target that did not answer is a failure, not an empty queue
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_UNREACHABLE)
 
 
 def _print_queues(queues: list[dict]) -> None:

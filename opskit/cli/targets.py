@@ -7,7 +7,7 @@ import typer
 
 from opskit.cli.app import open_store, targets_app
 from opskit.cli.output import JSON, emit, key_values, print_json, progress
-from opskit.errors import OpsError
+from opskit.errors import EXIT_UNREACHABLE, OpsError, TargetUnreachable
 
 
 @targets_app.command("add")
@@ -139,8 +139,8 @@ def targets_check(name: str = typer.Argument("local", metavar="NAME"), as_json: 
     if not result.get("reachable", True):
         if as_json:
             print_json(result)
-            raise typer.Exit(1)
-        raise OpsError(f"target {name}: {result['error']}")
+            raise typer.Exit(EXIT_UNREACHABLE)
+        raise TargetUnreachable(f"target {name}: {result['error']}")
     emit(result, as_json, key_values)
 
 
