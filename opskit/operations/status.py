@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from opskit import queue as Q
 from opskit import states
@@ -13,7 +14,9 @@ from opskit.errors import OpsError, TargetUnreachable
 from opskit.operations.selection import RECENT_ENDED, Selection
 from opskit.operations.targets import get_target, local_target_record
 from opskit.store import Store
-from opskit.targets import Target
+
+if TYPE_CHECKING:
+    from opskit.targets import Target
 
 # A status row (`status --json`, what scripts rely on): each key and the SQL that reads it from the
 # runs table. status_rows builds dicts from it; status_json lets SQLite write the JSON itself, so 100k

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from opskit import states
 from opskit.errors import OpsError, unknown_name
 from opskit.store import Store
-from opskit.targets import Target, open_target, target_class
+
+if TYPE_CHECKING:  # the target kinds load when a target is opened: `status` of ended runs needs none
+    from opskit.targets import Target
 
 MIN_STALL_AFTER_S = 30  # the trainer beats every 10-30 s
 MIN_GPU_IDLE_WINDOW_S = 60
@@ -49,6 +52,7 @@ def add_target(store: Store, name: str, kind: str, options: dict, replace: bool 
     if kind in ("slurm", "local") and not options.get("login") and not options.get("workdir"):
         options["workdir"] = workdir_beside_store(store, name)  # a target on this machine
     common = {k: options.pop(k) for k in COMMON_OPTIONS if options.get(k) is not None}
+    from opskit.targets import target_class
     config = target_class(kind).config_from_options({**options, "name": name})
     config.update(common_settings(kind, common))
     store.add_target(name, kind, config, replace=replace or name == "local")
@@ -118,6 +122,7 @@ def remove_target(store: Store, name: str) -> dict:
 
 
 def get_target(store: Store, name: str) -> Target:
+    from opskit.targets import open_target
     if name == "local":
         return open_target(local_target_record(store))
     rec = store.get_target(name)
