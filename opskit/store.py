@@ -2,8 +2,9 @@
 
 WAL mode and a busy timeout let several `opskit` commands write at once; every state change is
 appended to `events` and its reason kept on the run (`reason`). JSON columns only, never pickles.
-Schema changes are numbered migrations. Reads select in SQL (indexes in migration 2), so what a
-command does not show costs it nothing: `status` stays the same size as history grows.
+Schema changes are numbered migrations (store_migrations.py). Reads select in SQL (indexes in
+migration 3), so what a command does not show costs it nothing: `status` stays the same size as
+history grows.
 """
 from __future__ import annotations
 
@@ -19,71 +20,13 @@ from typing import Any, Iterable, Iterator
 from opskit import store_path
 from opskit.errors import NotFound, OpsError, unknown_name
 from opskit.states import ALL_STATES, ENDED
+from opskit.store_migrations import MIGRATIONS, SCHEMA_VERSION
 from opskit.store_path import StoreError
 
-SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 DEFAULT_PATH = "state.db"
 UNFINISHED = tuple(s for s in ALL_STATES if s not in ENDED)
 ENDED_STATES = tuple(s for s in ALL_STATES if s in ENDED)
-
-
-def _migration_1(conn: sqlite3.Connection) -> None:
-    """The first schema (as sqlite-utils created it, so that old stores and new ones are alike)."""
-    _script(conn, """
-        CREATE TABLE "targets" ("name" TEXT PRIMARY KEY, "kind" TEXT, "config" TEXT, "created_at" REAL);
-        CREATE TABLE "runs" (
-           "name" TEXT PRIMARY KEY, "matrix" TEXT, "phase" TEXT NOT NULL, "config" TEXT NOT NULL,
-           "seed" INTEGER NOT NULL, "target" TEXT NOT NULL, "attempt" INTEGER DEFAULT 1, "state" TEXT NOT NULL,
-           "stale" INTEGER DEFAULT 0, "cancel_requested" INTEGER DEFAULT 0,
-           "created_at" REAL, "started_at" REAL, "ended_at" REAL, "updated_at" REAL,
-           "step" INTEGER, "total_steps" INTEGER, "tokens" INTEGER, "loss" REAL, "tokens_per_s" REAL,
-           "eta_s" REAL, "cache_bytes" INTEGER, "cache_tokens" INTEGER, "cache_target_tokens" INTEGER,
-           "heartbeat_at" REAL, "checkpoint_step" INTEGER, "message" TEXT,
-           "pid" INTEGER, "job_id" TEXT, "exit_code" INTEGER, "run_dir" TEXT, "spec" TEXT, "after" TEXT,
-           "queue_pos" INTEGER, "gpus" TEXT);
-        CREATE INDEX "idx_runs_phase" ON "runs" ("phase");
-        CREATE INDEX "idx_runs_target_state" ON "runs" ("target", "state");
-        CREATE TABLE "events" ("id" INTEGER PRIMARY KEY, "run" TEXT, "time" REAL, "attempt" INTEGER,
-                               "from_state" TEXT, "to_state" TEXT, "reason" TEXT);
-        CREATE INDEX "idx_events_run" ON "events" ("run");
-        CREATE TABLE "artifacts" ("id" INTEGER PRIMARY KEY, "run" TEXT, "path" TEXT, "size" INTEGER,
-                                  "sha256" TEXT, "pulled_at" REAL);
-        CREATE UNIQUE INDEX "idx_artifacts_run_path" ON "artifacts" ("run", "path");
-        CREATE TABLE "gates" ("id" INTEGER PRIMARY KEY, "matrix" TEXT, "phase" TEXT, "decided_at" REAL,
-                              "decision" TEXT);
-    """)
-
-
-def _migration_2(conn: sqlite3.Connection) -> None:
-    """GPU samples of a run's heartbeat; what opskit last read of each box's ledger (cost, status)."""
-    _script(conn, """
-        ALTER TABLE "runs" ADD COLUMN "gpu_util" REAL;
-        ALTER TABLE "runs" ADD COLUMN "gpu_mem_mb" REAL;
-        ALTER TABLE "runs" ADD COLUMN "gpu_power_w" REAL;
-        CREATE TABLE "box_records" ("target" TEXT, "key" TEXT, "data" TEXT, "fetched_at" REAL,
-                                    PRIMARY KEY ("target", "key"));
-    """)
-
-
-def _migration_3(conn: sqlite3.Connection) -> None:
-    """The reason of each run's current state on the run itself (status shows why a run failed), and
-    indexes for what `status` selects: unfinished runs, the latest ended ones, counts per phase."""
-    _script(conn, """
-        ALTER TABLE "runs" ADD COLUMN "reason" TEXT;
-        UPDATE "runs" SET "reason" = (SELECT e."reason" FROM "events" e WHERE e."run" = "runs"."name"
-                                      ORDER BY e."id" DESC LIMIT 1);
-        DROP INDEX "idx_runs_phase";
-        CREATE INDEX "idx_runs_phase_state" ON "runs" ("phase", "state");
-        CREATE INDEX "idx_runs_state" ON "runs" ("state");
-        CREATE INDEX "idx_runs_stale" ON "runs" ("stale");
-        CREATE INDEX "idx_runs_ended_at" ON "runs" ("ended_at");
-        CREATE INDEX "idx_runs_updated_at" ON "runs" ("updated_at");
-        CREATE INDEX "idx_runs_created" ON "runs" ("created_at", "name");
-    """)
-
-
-MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
 
 
 class Store:
@@ -449,13 +392,6 @@ class Store:
         row = self.conn.execute("SELECT decision FROM gates WHERE matrix = ? AND phase = ? ORDER BY id DESC LIMIT 1",
                                 [matrix, phase]).fetchone()
         return json.loads(row[0]) if row else None
-
-
-def _script(conn: sqlite3.Connection, sql: str) -> None:
-    """Statements one by one, inside the caller's transaction (executescript would commit it)."""
-    for statement in sql.split(";"):
-        if statement.strip():
-            conn.execute(statement)
 
 
 def _names(columns, suffix: str = "") -> str:

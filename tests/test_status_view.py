@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from opskit.store import SCHEMA_VERSION, Store, _migration_1
+from opskit.store import SCHEMA_VERSION, Store
+from opskit.store_migrations import _migration_1
 from remote import queue_dir
 from test_queue import stop_daemons
 
