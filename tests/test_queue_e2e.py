@@ -73,8 +73,14 @@ def attempts_started(cli, run) -> int:
 
 
 def spans(cli, runs) -> dict[str, tuple[float, float, str]]:
-    """(start, end, CUDA_VISIBLE_DEVICES) per run: the supervisor's record, the exit_code file's time."""
-    finished = {f["run"]: f for f in queue(cli)["finished"]}
+    """(start, end, CUDA_VISIBLE_DEVICES) per run: the supervisor's record, the exit_code file's time.
+    A run shows done from its exit code; the supervisor files its entry as finished on its next pass."""
+    deadline = time.monotonic() + 30
+    while True:
+        finished = {f["run"]: f for f in queue(cli)["finished"]}
+        if set(runs) <= set(finished) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     return {r: (finished[r]["started_at"], (cli.workdir / "runs" / r / "exit_code").stat().st_mtime,
                 finished[r]["cuda_visible_devices"]) for r in runs}
 
